@@ -1,0 +1,42 @@
+# Two entry points: `make run` (GUI) and `make test`. Both create .venv on
+# first use; the stamp files make re-runs a no-op until a requirements file changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: run test lint bench install
+
+install: $(RUNTIME_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: the pin resolves to the local CPU wheel here and to a
+# CUDA build on a GPU machine; installing it before the rest keeps any other
+# package from pulling an unpinned (multi-GB) CUDA build.
+# clip-anytorch only carries the CLIP BPE vocabulary we need offline; it
+# declares torchvision, which we neither need nor can install, hence --no-deps.
+$(RUNTIME_STAMP): requirements.txt | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps clip-anytorch==2.6.0
+	touch $@
+
+$(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+run: $(RUNTIME_STAMP)
+	$(PY) app.py
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest
+
+lint: $(DEV_STAMP)
+	$(PY) -m ruff check .
+
+bench: $(DEV_STAMP)
+	$(PY) -m bench.adapter_overhead

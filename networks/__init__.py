@@ -1,0 +1,1 @@
+"""Adapter networks (LoRA, LoCon, LoHa) and their kohya-format files."""

@@ -1,0 +1,74 @@
+"""Export a trained network and load a file back (to continue training or to
+apply it), with user-facing errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from torch import nn
+
+from trainer.errors import UserError
+
+from .base import Dropout
+from .kohya_file import read_network_file, save_network_file
+from .metadata import ExportInfo, build_metadata
+from .network import AdapterNetwork, NetworkSpec
+
+
+def export_network(
+    network: AdapterNetwork, path: str | os.PathLike, info: ExportInfo, precision: str = "fp16"
+) -> None:
+    if network.spec is None:
+        raise ValueError("export needs the NetworkSpec the network was built with")
+    save_network_file(path, network.state_dict(), build_metadata(network.spec, info), precision)
+
+
+def load_network(
+    path: str | os.PathLike,
+    unet: nn.Module | None,
+    text_encoder: nn.Module | None,
+    dropout: Dropout = Dropout(),
+) -> AdapterNetwork:
+    tensors, metadata = read_network_file(path)
+    try:
+        network = AdapterNetwork.from_state_dict(tensors, unet, text_encoder, dropout)
+    except KeyError as exc:
+        raise UserError(
+            f"{path} does not fit this base model: {exc.args[0]}. "
+            "Is it an SD 1.x LoRA/LyCORIS file?"
+        ) from exc
+    if not network.adapters:
+        raise UserError(f"{path} holds no LoRA, LoCon or LoHa modules.")
+    network.spec = spec_from_metadata(metadata, network, dropout)
+    return network
+
+
+def spec_from_metadata(
+    metadata: dict[str, str], network: AdapterNetwork, dropout: Dropout
+) -> NetworkSpec:
+    """The spec a file was trained with, from its `ss_*` keys, else its tensors."""
+    first = network.adapters[0]
+    args = _json_or_empty(metadata.get("ss_network_args"))
+    algorithm = args.get("algo") or first.algorithm
+    if algorithm == "lora" and any(a.rank != first.rank for a in network.unet_adapters):
+        algorithm = "locon"
+    return NetworkSpec(
+        algorithm=algorithm if algorithm in ("lora", "locon", "loha") else first.algorithm,
+        rank=int(metadata.get("ss_network_dim", first.rank)),
+        alpha=float(metadata.get("ss_network_alpha", float(first.alpha))),
+        conv_rank=int(args.get("conv_dim", first.rank)),
+        conv_alpha=float(args.get("conv_alpha", float(first.alpha))),
+        tucker=args.get("use_tucker") == "True",
+        dropout=dropout,
+        train_unet=bool(network.unet_adapters),
+        train_text_encoder=bool(network.text_encoder_adapters),
+    )
+
+
+def _json_or_empty(text: str | None) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,79 @@
+"""The pure math of each algorithm, checked against a second route: autograd
+of the naive formula, the layer-level forward, and LyCORIS' functional API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lycoris.functional import loha as lycoris_loha
+from torch import nn
+
+from networks.base import Dropout
+from networks.loha import HadamardDelta, LoHaModule, loha_delta_weight
+from networks.lora import LoRAModule, lora_delta_weight
+
+
+def test_hadamard_backward_equals_autograd_of_the_naive_product():
+    torch.manual_seed(0)
+    factors = [
+        torch.randn(s, dtype=torch.float64, requires_grad=True) for s in [(6, 3), (3, 5)] * 2
+    ]
+    assert torch.autograd.gradcheck(HadamardDelta.apply, factors)
+
+
+def test_tucker_lora_delta_equals_the_chained_convolutions():
+    torch.manual_seed(0)
+    base = nn.Conv2d(5, 7, 3, padding=1)
+    module = LoRAModule("lora_unet_x", base, rank=3, alpha=3, tucker=True)
+    nn.init.normal_(module.lora_up.weight)
+    x = torch.randn(2, 5, 8, 8)
+    via_weight = nn.functional.conv2d(x, module.delta_weight(), padding=1)
+    torch.testing.assert_close(module.delta_forward(x), via_weight, rtol=1e-5, atol=1e-5)
+    assert module.delta_weight().shape == base.weight.shape
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_loha_delta_matches_lycoris_functional(tucker):
+    torch.manual_seed(0)
+    base = nn.Conv2d(5, 7, 3, padding=1)
+    module = LoHaModule("lora_unet_x", base, rank=3, alpha=3, dropout=Dropout(), tucker=tucker)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    t = dict(module.named_parameters())
+    if tucker:
+        # LyCORIS order: (w1d, w1u, w2d, w2u, t1, t2) = (w*_b, w*_a, ..., t1, t2)
+        args = (
+            t["hada_w1_b"],
+            t["hada_w1_a"],
+            t["hada_w2_b"],
+            t["hada_w2_a"],
+            t["hada_t1"],
+            t["hada_t2"],
+        )
+    else:
+        args = (t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], None, None)
+    reference = lycoris_loha.diff_weight(*args, gamma=torch.tensor(1.0), backend="torch")
+    torch.testing.assert_close(module.delta_weight(), reference.reshape(base.weight.shape))
+
+
+def test_fresh_loha_and_lora_deltas_are_exactly_zero():
+    base = nn.Linear(8, 6)
+    for cls in (LoRAModule, LoHaModule):
+        assert torch.count_nonzero(cls("lora_unet_x", base, rank=2, alpha=1).delta_weight()) == 0
+
+
+def test_file_layout_functions_agree_with_modules():
+    torch.manual_seed(0)
+    down, up = torch.randn(4, 6, 3, 3), torch.randn(5, 4, 1, 1)
+    assert lora_delta_weight(down, up).shape == (5, 6, 3, 3)
+    tensors = {
+        f"hada_w{i}_{s}": torch.randn(*shape)
+        for i in (1, 2)
+        for s, shape in (("a", (5, 4)), ("b", (4, 6)))
+    }
+    delta = loha_delta_weight(tensors, torch.Size([5, 6]))
+    naive = (tensors["hada_w1_a"] @ tensors["hada_w1_b"]) * (
+        tensors["hada_w2_a"] @ tensors["hada_w2_b"]
+    )
+    torch.testing.assert_close(delta, naive)

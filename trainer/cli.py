@@ -1,0 +1,57 @@
+"""Command line: `python -m trainer <command> ...`.
+
+Each subcommand is a small function taking the parsed arguments. A
+`UserError` becomes one line on stderr and exit status 2 (like argparse's
+own usage errors); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trainer.errors import UserError
+
+
+def _make_demo_model(args: argparse.Namespace) -> None:
+    from trainer.demo_model import make_demo_model
+
+    paths = make_demo_model(args.dir, seed=args.seed)
+    print(f"diffusers folder: {paths['diffusers']}")
+    print(f"single-file checkpoint: {paths['single_file']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser(
+        "make-demo-model",
+        help="write a tiny random SD1.5-shaped model (diffusers folder + single file)",
+        description="Write DIR/diffusers/ and DIR/demo-sd15.safetensors: a tiny model with "
+        "SD1.5's module names, random weights from --seed. Same seed, same bytes.",
+    )
+    demo.add_argument("dir", metavar="DIR", help="output folder (created if missing)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(handler=_make_demo_model)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    # This tool never downloads, and the libraries' progress bars and
+    # optional-dependency notices (torchvision) are noise on a CLI.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
