@@ -40,3 +40,5 @@ lint: $(DEV_STAMP)
 
 bench: $(DEV_STAMP)
 	$(PY) -m bench.adapter_overhead
+	$(PY) -m bench.dataset_scan
+	$(PY) -m bench.latent_cache

@@ -1,0 +1,56 @@
+"""`python -m datasets_tools check DIR [--json]`: the dataset report on the command line.
+
+Exit status: 0 trainable (warnings allowed), 1 not trainable, 2 invalid options.
+No traceback reaches the user: bad content becomes report lines, bad options a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from trainer.errors import UserError
+
+from .buckets import BucketConfig
+from .check import check_dataset
+
+EXIT_TRAINABLE, EXIT_NOT_TRAINABLE, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m datasets_tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="list every problem in a dataset folder")
+    check.add_argument("directory", help="dataset folder (searched recursively)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--resolution", type=int, default=512)
+    check.add_argument("--no-buckets", action="store_true",
+                       help="fixed resolution x resolution crops instead of aspect buckets")
+    check.add_argument("--bucket-step", type=int, default=64)
+    check.add_argument("--min-bucket", type=int, default=256, help="smallest bucket side")
+    check.add_argument("--max-bucket", type=int, default=1024, help="largest bucket side")
+    check.add_argument("--no-upscale", action="store_true",
+                       help="give small images a bucket of their own size instead of enlarging")
+    check.add_argument("--caption-extension", default=".txt")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = BucketConfig(
+            resolution=args.resolution, enabled=not args.no_buckets, step=args.bucket_step,
+            min_side=args.min_bucket, max_side=args.max_bucket, no_upscale=args.no_upscale,
+        )
+        report = check_dataset(args.directory, config, caption_extension=args.caption_extension,
+                               progress=not args.json and sys.stderr.isatty())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(report.to_json() if args.json else report.format_text())
+    return EXIT_TRAINABLE if report.trainable else EXIT_NOT_TRAINABLE

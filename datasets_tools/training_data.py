@@ -1,0 +1,145 @@
+"""The trainer's view: checked items in, ready batches (latents or pixels + captions) out.
+
+It ties the pure pieces together so that the crop used for caching is the crop
+used for training, and every random choice of a sample (caption shuffle,
+dropout, random crop, flip) comes from (seed, epoch, batch, slot): resuming at
+a `Position` replays exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.errors import UserError
+
+from .buckets import BucketConfig, Size, assign_bucket, make_buckets
+from .captions import CaptionOptions, CaptionProcessor
+from .crop import CropSpec, compute_crop
+from .formats import ImageDecodeError
+from .latent_cache import CacheStats, LatentCache, LatentRequest
+from .sampler import Batch, BucketBatchSampler, Position, sample_rng
+from .scan import ImageItem
+from .transform import PreparedImage, prepare_image
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    crop: str = "center"  # or "random" (not with cached latents: a latent fixes its crop)
+    flip: bool = False  # random horizontal mirroring, 50% per sample
+    keep_alpha: bool = False  # masked loss: return the alpha channel as a mask
+    captions: CaptionOptions = field(default_factory=CaptionOptions)
+    batch_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crop not in ("center", "random"):
+            raise UserError(f"Crop mode {self.crop!r} is unknown; use 'center' or 'random'.")
+        if self.batch_size < 1:
+            raise UserError(f"Batch size {self.batch_size} is invalid; use 1 or more.")
+
+
+@dataclass
+class TrainingBatch:
+    batch: Batch  # indices, bucket, flips; `batch.next_position` is the resume point
+    captions: list[str]
+    latents: torch.Tensor | None  # B x 4 x H/8 x W/8, scaled, when a latent cache is used
+    pixels: torch.Tensor | None  # B x 3 x H x W in [-1, 1] otherwise
+    masks: torch.Tensor | None  # B x 1 x (latent or pixel size) with keep_alpha
+
+
+class TrainingData:
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        options: DataOptions | None = None,
+        latent_cache: LatentCache | None = None,
+    ) -> None:
+        """`items`: `Report.items` of a trainable check; `latent_cache` None: load pixels."""
+        self.items = list(items)
+        self.options = options or DataOptions()
+        if latent_cache is not None and self.options.crop == "random":
+            raise UserError(
+                "Random crop cannot be combined with cached latents (a cached latent holds one "
+                "fixed crop); use center crop or turn latent caching off."
+            )
+        self.latent_cache = latent_cache
+        self.captions = CaptionProcessor(self.options.captions)
+        all_buckets = make_buckets(self.options.buckets)
+        self.buckets: list[Size] = [
+            assign_bucket((i.width, i.height), self.options.buckets, all_buckets)
+            for i in self.items
+        ]
+        self.sampler = BucketBatchSampler(
+            self.buckets, [i.repeats for i in self.items], self.options.batch_size,
+            self.options.seed, flip=self.options.flip,
+        )
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.sampler)
+
+    def latent_requests(self) -> list[LatentRequest]:
+        """One request per image (center crop), flip and mask variants as configured."""
+        return [
+            LatentRequest(item.path, self._center_crop(index), flip=self.options.flip,
+                          mask=self.options.keep_alpha)
+            for index, item in enumerate(self.items)
+        ]
+
+    def cache_latents(self, batch_size: int = 1) -> CacheStats:
+        if self.latent_cache is None:
+            raise ValueError("no latent cache was given")
+        return self.latent_cache.build(self.latent_requests(), batch_size=batch_size)
+
+    def batches(self, start: Position | None = None, epochs: int | None = None
+                ) -> Iterator[TrainingBatch]:
+        for batch in self.sampler.iterate(start, epochs):
+            yield self.load(batch)
+
+    def load(self, batch: Batch) -> TrainingBatch:
+        seed = self.options.seed
+        captions = [
+            self.captions(self.items[i].caption, sample_rng(seed, batch.epoch, batch.index, slot))
+            for slot, i in enumerate(batch.items)
+        ]
+        if self.latent_cache is not None:
+            picked = [self.latent_cache.get(request).pick(flip) for request, flip in
+                      zip(self._requests(batch.items), batch.flips, strict=True)]
+            latents = torch.stack([latent for latent, _ in picked])
+            masks = self._stack_masks([mask for _, mask in picked])
+            return TrainingBatch(batch, captions, latents, None, masks)
+        prepared = []
+        for slot, (i, flip) in enumerate(zip(batch.items, batch.flips, strict=True)):
+            rng = sample_rng(seed, batch.epoch, batch.index, slot, "crop")
+            crop = (self._center_crop(i) if self.options.crop == "center" else
+                    compute_crop(self._size(i), self.buckets[i], "random", rng))
+            prepared.append(self._prepare(i, crop, flip))
+        pixels = torch.stack([p.pixels for p in prepared])
+        masks = self._stack_masks([p.mask for p in prepared])
+        return TrainingBatch(batch, captions, None, pixels, masks)
+
+    def _requests(self, indices: Sequence[int]) -> list[LatentRequest]:
+        return [LatentRequest(self.items[i].path, self._center_crop(i), flip=self.options.flip,
+                              mask=self.options.keep_alpha) for i in indices]
+
+    def _size(self, index: int) -> Size:
+        return (self.items[index].width, self.items[index].height)
+
+    def _center_crop(self, index: int) -> CropSpec:
+        return compute_crop(self._size(index), self.buckets[index], "center")
+
+    def _prepare(self, index: int, crop: CropSpec, flip: bool) -> PreparedImage:
+        item = self.items[index]
+        try:
+            return prepare_image(item.path, crop, flip=flip, keep_alpha=self.options.keep_alpha)
+        except ImageDecodeError as exc:  # changed on disk after the check
+            raise UserError(f"{item.path}: {exc.reason}. Run the dataset check again.") from exc
+
+    def _stack_masks(self, masks: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if not self.options.keep_alpha or any(m is None for m in masks):
+            return None
+        return torch.stack(masks)  # type: ignore[arg-type]
