@@ -74,8 +74,9 @@ class AdapterModule(nn.Module):
         """The unscaled delta W, shaped like the base weight."""
         raise NotImplementedError
 
-    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unscaled delta y for input x (training dropout included)."""
+    def delta_forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """scale * delta y for input x (training dropout included); each algorithm
+        applies `scale` where it is cheapest (a rank-sized tensor, not the output)."""
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------
@@ -85,7 +86,13 @@ class AdapterModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        # Cached per version of the alpha buffer: float() of a GPU tensor would
+        # synchronise the device on every forward.
+        version = self.alpha._version
+        if getattr(self, "_scale_version", None) != (version, self.alpha.data_ptr()):
+            self._scale = float(self.alpha) / self.rank
+            self._scale_version = (version, self.alpha.data_ptr())
+        return self._scale
 
     def attach(self) -> None:
         if self._hook is None:
@@ -104,9 +111,12 @@ class AdapterModule(nn.Module):
         if self.training and self.dropout.module and torch.rand(()) < self.dropout.module:
             return output
         # Adapter weights stay fp32 under mixed precision; compute in their dtype.
-        x = args[0].to(next(self.parameters()).dtype)
-        delta = self.delta_forward(x)
-        return output + (delta * (self.multiplier * self.scale)).to(output.dtype)
+        x = args[0]
+        dtype = self.alpha.dtype
+        delta = self.delta_forward(
+            x if x.dtype == dtype else x.to(dtype), self.multiplier * self.scale
+        )
+        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
     def _drop_ranks(self, hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """Zero whole rank channels per sample, rescaled to keep the expectation."""

@@ -93,8 +93,8 @@ class LoHaModule(AdapterModule):
     def delta_weight(self) -> torch.Tensor:
         return loha_delta_weight(dict(self.named_parameters()), self.base.weight.shape)
 
-    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = self.delta_weight()
+    def delta_forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        delta = self.delta_weight() * scale
         if self.training and self.dropout.rank:
             # LoHa has no rank-wide hidden activation; like LyCORIS, drop output rows.
             keep = torch.rand(delta.shape[0], device=delta.device) > self.dropout.rank

@@ -74,7 +74,7 @@ class LoRAModule(AdapterModule):
         mid = self.lora_mid.weight if self.tucker else None
         return lora_delta_weight(self.lora_down.weight, self.lora_up.weight, mid)
 
-    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def delta_forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         hidden = self.lora_down(x)
         if self.tucker:
             hidden = self.lora_mid(hidden)
@@ -82,7 +82,7 @@ class LoRAModule(AdapterModule):
             hidden = F.dropout(hidden, self.dropout.neuron)
         channel_dim = -1 if isinstance(self.base, nn.Linear) else 1
         hidden = self._drop_ranks(hidden, channel_dim)
-        return self.lora_up(hidden)
+        return self.lora_up(hidden * scale if scale != 1 else hidden)
 
     # --- file format ----------------------------------------------------
     @staticmethod

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from trainer.atomic import atomic_write_text
 from trainer.errors import UserError
+from trainer.paths import cache_root
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -138,13 +139,6 @@ def write_tokenizer_files(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def _cache_root() -> Path:
-    if override := os.environ.get("LORA_TRAINER_CACHE"):
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lora-trainer"
-
-
 def offline_tokenizer_dir() -> Path:
     """Folder with the generated tokenizer files, created on first use.
 
@@ -153,7 +147,7 @@ def offline_tokenizer_dir() -> Path:
     """
     bpe_path = find_bpe_file()
     digest = hashlib.sha256(bpe_path.read_bytes()).hexdigest()[:16]
-    folder = _cache_root() / f"clip-tokenizer-{digest}"
+    folder = cache_root() / f"clip-tokenizer-{digest}"
     names = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
     if not all((folder / name).is_file() for name in names):
         try:
