@@ -22,6 +22,21 @@ def _make_demo_model(args: argparse.Namespace) -> None:
     print(f"single-file checkpoint: {paths['single_file']}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from trainer.config import load_config, require_paths
+    from trainer.train import run
+
+    config = load_config(args.config, args.set)
+    require_paths(config)
+    result = run(config, resume=args.resume, stop_at_step=args.stop_at_step)
+    if not result.is_main:
+        return
+    if result.stopped_early:
+        print(f"stopped after step {result.steps_done}; the state is saved: continue with --resume")
+    else:
+        print(f"done: {result.steps_done} steps, adapter written to {result.final_file}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", metavar="DIR", help="output folder (created if missing)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(handler=_make_demo_model)
+
+    train = commands.add_parser(
+        "train",
+        help="train an adapter from a TOML config or preset",
+        description="Train a LoRA/LoCon/LoHa adapter. Ctrl-C or SIGTERM stops cleanly at the "
+        "next step, saving the state; --resume continues from the newest saved state.",
+    )
+    train.add_argument("config", metavar="CONFIG.toml", help="a config file or a preset")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set train.steps=500 (repeatable)",
+    )  # fmt: skip
+    train.add_argument("--resume", action="store_true", help="continue from the saved state")
+    train.add_argument(
+        "--stop-at-step", type=int, metavar="N",
+        help="stop after step N as if interrupted (state saved), to split a long run",
+    )  # fmt: skip
+    train.set_defaults(handler=_train)
+
     return parser
 
 

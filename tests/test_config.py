@@ -1,0 +1,348 @@
+"""The training config: schema, TOML loading with overrides, messages, presets."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import typing
+from pathlib import Path
+
+import pytest
+
+from trainer.config import (
+    PATH_KEYS,
+    SECTIONS,
+    TrainConfig,
+    config_to_toml,
+    load_config,
+    output_dir,
+    preset_paths,
+    require_paths,
+)
+from trainer.errors import UserError
+
+PRESETS = preset_paths()
+
+
+def load_text(tmp_path: Path, text: str, overrides=()) -> TrainConfig:
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    return load_config(path, overrides)
+
+
+# --- errors: one table, one checker -----------------------------------------
+# (TOML text or None for no file, overrides, message; "{file}" is the TOML's
+# path, "*" matches anything and a trailing "..." means "starts with").
+ERROR_CASES = {
+    "unknown key, near miss": (
+        "[train]\nlerning_rate = 1e-4", (),
+        "{file}: unknown key train.lerning_rate; did you mean train.unet_lr?"),
+    "kohya name in another section": (
+        "[train]\nnetwork_dim = 32", (),
+        "{file}: unknown key train.network_dim; did you mean network.rank?"),
+    "kohya name at top level": (
+        "max_train_steps = 100", (),
+        "{file}: unknown key max_train_steps; did you mean train.steps?"),
+    "kohya flag that is a value here": (
+        "[network]\nnetwork_train_unet_only = true", (),
+        "{file}: unknown key network.network_train_unet_only; "
+        "did you mean network.train_text_encoder = false?"),
+    "field of another section": (
+        "[model]\nseed = 1", (),
+        "{file}: unknown key model.seed; did you mean train.seed?"),
+    "unknown key, no suggestion": (
+        "[train]\nzzzz = 1", (),
+        "{file}: unknown key train.zzzz; the keys of [train] are steps, epochs, batch_size..."),
+    "unknown section": (
+        "[trian]\nsteps = 3", (), "{file}: unknown section [trian]; did you mean [train]?"),
+    "kohya section": (
+        "[training_arguments]\nmax_train_steps = 3", (),
+        "{file}: unknown section [training_arguments]; did you mean [train]?"),
+    "unknown section, no suggestion": (
+        "[zzzz]\na = 1", (),
+        "{file}: unknown section [zzzz]; the sections are [model], [dataset], [network], "
+        "[train], [sample], [output], [lcm]."),
+    "bad choice": (
+        '[train]\noptimizer = "adam"', (),
+        '{file}: train.optimizer = "adam" is not allowed; choose one of: '
+        "adamw, adamw8bit, prodigy, lion, sgd."),
+    "bad top-level choice": (
+        'task = "distill"', (),
+        '{file}: task = "distill" is not allowed; choose one of: train, lcm_distill.'),
+    "out of range, multiple of": (
+        "[dataset]\nresolution = 500", (),
+        "{file}: dataset.resolution = 500 is out of range; "
+        "it must be between 64 and 2048 and a multiple of 64."),
+    "out of range, open bound": (
+        "[network]\ndropout = 1.5", (),
+        "{file}: network.dropout = 1.5 is out of range; it must be at least 0 and below 1."),
+    "wrong type": (
+        '[train]\nsteps = "many"', (),
+        '{file}: train.steps = "many" should be a whole number.'),
+    "not finite": (
+        "[train]\nunet_lr = inf", (), "{file}: train.unet_lr = inf should be a finite number."),
+    "list item type": (
+        "[sample]\nprompts = [1]", (),
+        '{file}: sample.prompts[0] = 1 should be text in double quotes, e.g. "x".'),
+    "section given as a value": (
+        'model = "x.safetensors"', (),
+        '{file}: model must be a [model] section, not "x.safetensors".'),
+    "steps and epochs both 0": (
+        "[train]\nsteps = 0", (),
+        "{file}: train.steps = 0 and train.epochs = 0: set exactly one of them above 0 "
+        "(the other to 0)."),
+    "steps and epochs both set": (
+        "[train]\nsteps = 100\nepochs = 2", (),
+        "{file}: train.steps = 100 and train.epochs = 2: set exactly one of them above 0 "
+        "(the other to 0)."),
+    "buckets do not fit": (
+        "[dataset]\nresolution = 128", (),
+        "{file}: dataset.min_bucket (256) <= dataset.resolution (128) <= dataset.max_bucket "
+        "(1024) does not hold; change one of them, or set dataset.buckets = false."),
+    "sampling without prompts": (
+        "[sample]\nevery_n_steps = 10", (),
+        "{file}: sample.every_n_steps = 10 but sample.prompts is empty; "
+        "add a prompt or set sample.every_n_steps = 0."),
+    "unsafe output name": (
+        '[output]\nname = "a/b"', (),
+        '{file}: output.name = "a/b" is not a safe file name...'),
+    "nothing to train": (
+        "[network]\ntrain_unet = false\ntrain_text_encoder = false", (),
+        "{file}: network.train_unet and network.train_text_encoder are both false..."),
+    "several problems": (
+        '[train]\noptimizer = "adam"\nbatch_size = 0', (),
+        "2 problems in the config: (1) {file}: train.batch_size = 0 is out of range; "
+        'it must be at least 1. (2) {file}: train.optimizer = "adam" is not allowed...'),
+    "TOML syntax error": (
+        "[train]\nsteps = = 3", (),
+        "{file}: TOML syntax error: *(at line 2, column 9)."),
+    "override without =": (
+        None, ("foo",),
+        "--set foo: expected section.key=value, e.g. --set train.steps=500 "
+        "or --set model.path=/models/sd15.safetensors."),
+    "override of an unknown key": (
+        None, ("train.lerning_rate=1e-4",),
+        "--set train.lerning_rate=1e-4: unknown key train.lerning_rate; "
+        "did you mean train.unet_lr?"),
+    "override of an unknown section": (
+        "", ("trian.steps=3",),
+        "--set trian.steps=3: unknown section [trian]; did you mean [train]?"),
+    "override with a bad value": (
+        "[train]\nsteps = 5", ("train.steps=abc",),
+        '--set train.steps=abc: train.steps = "abc" should be a whole number.'),
+}
+
+
+@pytest.mark.parametrize("text, overrides, expected", ERROR_CASES.values(), ids=ERROR_CASES)
+def test_error_messages(tmp_path, text, overrides, expected):
+    path = tmp_path / "cfg.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UserError) as raised:
+        load_config(path if text is not None else None, overrides)
+    check_message(str(raised.value), expected.replace("{file}", str(path)))
+
+
+def check_message(message: str, expected: str) -> None:
+    assert "\n" not in message and "pydantic" not in message.lower()
+    if expected.endswith("..."):
+        expected = expected[:-3] + "*"
+    pattern = ".*".join(re.escape(part) for part in expected.split("*"))
+    assert re.fullmatch(pattern, message), message
+
+
+def test_message_names_the_file_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "x.toml").write_text("[train]\nlerning_rate = 1e-4\n")
+    with pytest.raises(UserError) as raised:
+        load_config("presets/x.toml")
+    check_message(str(raised.value),
+                  "presets/x.toml: unknown key train.lerning_rate; did you mean train.unet_lr?")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("missing.toml", "config file missing.toml not found."),
+    ("cpu-demo.toml", f"config file cpu-demo.toml not found; the bundled preset is "
+                      f"{PRESETS['cpu-demo']}."),
+    (".", "config file . is a folder, not a TOML file."),
+])
+def test_missing_file(tmp_path, monkeypatch, name, expected):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as raised:
+        load_config(name)
+    check_message(str(raised.value), expected)
+
+
+# --- overrides ---------------------------------------------------------------
+OVERRIDE_CASES = [
+    ("train.steps=3", "train.steps", 3),
+    (" train.steps = 5 ", "train.steps", 5),
+    ("train.unet_lr=1e-4", "train.unet_lr", 1e-4),
+    ("network.train_unet=false", "network.train_unet", False),
+    ("train.optimizer=lion", "train.optimizer", "lion"),
+    ('output.title="two words"', "output.title", "two words"),
+    ("output.title=", "output.title", ""),
+    ("output.name=1.5", "output.name", "1.5"),
+    ('sample.prompts=["a", "b"]', "sample.prompts", ["a", "b"]),
+    ("sample.prompts=a cat", "sample.prompts", ["a cat"]),
+    ("task=lcm_distill", "task", "lcm_distill"),
+    ("model.path=/x/y", "model.path", "/x/y"),
+    ("model.path=demo", "model.path", "demo"),
+]
+
+
+@pytest.mark.parametrize("override, key, expected", OVERRIDE_CASES)
+def test_override_values(override, key, expected):
+    value = load_config(None, [override])
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_override_replaces_file_value(tmp_path):
+    config = load_text(tmp_path, "[network]\nrank = 8\n", ["network.rank=4"])
+    assert config.network.rank == 4
+
+
+def test_epochs_replace_default_steps():
+    # As in kohya: giving epochs alone means "train for epochs".
+    config = load_config(None, ["train.epochs=3"])
+    assert (config.train.steps, config.train.epochs) == (0, 3)
+
+
+# --- paths -------------------------------------------------------------------
+def test_relative_paths_follow_the_toml_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "run.toml").write_text(
+        '[model]\npath = "../models/m.safetensors"\n[dataset]\npath = "demo"\n'
+        '[network]\nresume_from = "~/old.safetensors"\n[sample]\nlcm_lora = "lcm.safetensors"\n'
+        '[output]\ndir = "out/{name}"\nname = "x"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config("configs/run.toml", ["sample.lcm_lora=here.safetensors"])
+    assert config.model.path == str(tmp_path / "models" / "m.safetensors")
+    assert config.dataset.path == "demo"
+    assert config.network.resume_from == os.path.expanduser("~/old.safetensors")
+    assert config.sample.lcm_lora == str(tmp_path / "here.safetensors")  # overrides: the cwd
+    assert config.output.dir == str(folder / "out" / "{name}")
+    assert output_dir(config) == folder / "out" / "x"
+
+
+def test_default_paths_follow_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None)
+    assert output_dir(config) == tmp_path / "outputs" / "my-lora"
+    assert config.model.path == "" and config.network.resume_from == ""
+
+
+# --- writing -----------------------------------------------------------------
+def round_trip_configs():
+    yield "defaults", load_config(None)  # absolute paths: the same wherever written
+    for name, path in PRESETS.items():
+        yield name, load_config(path)
+    yield "customised", load_config(None, [
+        "sample.prompts=[\"a cat\", 'quote \" inside']", "sample.every_n_steps=5",
+        "train.epochs=4", "train.unet_lr=3e-5", "output.title=ünïcode", "model.path=m.ckpt",
+    ])
+
+
+@pytest.mark.parametrize("name, config", list(round_trip_configs()))
+def test_config_to_toml_round_trips(tmp_path, name, config):
+    path = tmp_path / "elsewhere" / "config.toml"
+    path.parent.mkdir()
+    path.write_text(config_to_toml(config), encoding="utf-8")
+    assert load_config(path) == config
+    assert set(tomllib.loads(config_to_toml(config))) == {"task", *SECTIONS}
+
+
+# --- presets -----------------------------------------------------------------
+EXPECTED_PRESETS = {"sd15-character-lora", "sd15-style-lora", "sd15-locon", "sd15-loha",
+                    "low-vram", "cpu-demo", "sd15-lcm-distill"}
+
+
+def test_bundled_presets():
+    assert set(PRESETS) == EXPECTED_PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
+def test_preset_sets_only_what_differs(name):
+    path = PRESETS[name]
+    load_config(path)  # unknown keys and bad values raise
+    defaults = TrainConfig().model_dump()
+    for section, table in tomllib.loads(path.read_text()).items():
+        items = table.items() if isinstance(table, dict) else [(None, table)]
+        for key, value in items:
+            full = f"{section}.{key}" if key else section
+            default = defaults[section][key] if key else defaults[section]
+            # model.path / dataset.path stay visible as "" to show what to fill in.
+            assert value != default or full in PATH_KEYS, f"{name}: {full} is the default"
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert "#" in line, f"{name}: no comment on {line!r}"
+
+
+def test_cpu_demo_preset():
+    config = load_config(PRESETS["cpu-demo"])
+    require_paths(config)
+    assert (config.model.path, config.dataset.path, config.dataset.resolution) == (
+        "demo", "demo", 64)
+    assert (config.network.rank, config.train.steps, config.train.batch_size) == (4, 30, 2)
+    assert not config.network.train_text_encoder
+    assert (len(config.sample.prompts), config.sample.every_n_steps, config.sample.steps) == (
+        1, 15, 4)
+
+
+def test_require_paths(tmp_path):
+    config = load_config(PRESETS["sd15-character-lora"])
+    with pytest.raises(UserError) as raised:
+        require_paths(config)
+    message = str(raised.value)
+    assert message.startswith("2 problems in the config: (1) model.path is empty: set "
+                              "model.path to your SD1.5 checkpoint (.safetensors) or "
+                              "diffusers folder")
+    assert "(2) dataset.path is empty" in message
+    config = load_config(PRESETS["cpu-demo"], [f"network.resume_from={tmp_path}/none"])
+    with pytest.raises(UserError, match=r"^network\.resume_from = .* is not a file"):
+        require_paths(config)
+
+
+# --- schema ------------------------------------------------------------------
+def test_network_types_are_the_registry():
+    from networks.registry import ALGORITHMS
+
+    choices = typing.get_args(SECTIONS["network"].model_fields["type"].annotation)
+    assert set(choices) == set(ALGORITHMS)
+
+
+def test_schema_imports_without_torch():
+    # The GUI builds its form from the schema before any model is loaded.
+    code = "import sys, trainer.config; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_every_field_has_help_text():
+    models = [TrainConfig, *SECTIONS.values()]
+    for model in models:
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_to_spec_carries_every_setting():
+    from networks.base import Dropout
+
+    config = load_config(None, [
+        "network.type=loha", "network.rank=6", "network.alpha=3", "network.conv_rank=5",
+        "network.conv_alpha=2", "network.tucker=true", "network.dropout=0.1",
+        "network.rank_dropout=0.2", "network.module_dropout=0.3",
+        "network.train_text_encoder=false",
+    ])
+    spec = config.network.to_spec()
+    assert (spec.algorithm, spec.rank, spec.alpha, spec.conv_rank, spec.conv_alpha) == (
+        "loha", 6, 3.0, 5, 2.0)
+    assert spec.tucker and spec.train_unet and not spec.train_text_encoder
+    assert spec.dropout == Dropout(neuron=0.1, rank=0.2, module=0.3)

@@ -1,0 +1,264 @@
+"""The one training config schema: the CLI, the presets and the GUI form all read it.
+
+Every field carries help text (the GUI shows it) and enums are Literals (the GUI
+makes them dropdowns). Defaults follow what kohya_ss users expect for SD1.5.
+Cross-field rules live next to their section and name keys as `section.key`,
+because their messages reach users verbatim through `trainer.config_io`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEMO = "demo"  # model.path / dataset.path value meaning the built-in demo model / dataset
+VAE_FACTOR = 8  # the SD VAE downsamples by 8: every pixel size must be a multiple of it
+
+
+# diffusers.optimization.get_scheduler names.
+Scheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+
+
+class Section(BaseModel):
+    # Unknown keys are typos; silently ignoring them trains the wrong thing.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ModelConfig(Section):
+    path: str = Field("", description='SD1.5 checkpoint (.safetensors/.ckpt) or diffusers '
+                      'folder; "demo" = the built-in tiny demo model. Empty in presets.')
+    v_parameterization: bool = Field(
+        False, description="The model predicts v, not noise (SD2-style v-prediction fine-tunes)."
+    )
+    clip_skip: int = Field(1, ge=1, le=12, description="Use the text encoder's N-th layer from "
+                           "the end (1 = last; 2 for anime models trained that way).")
+    allow_pickle: bool = Field(False, description="Allow .ckpt/.pt pickle files, which can run "
+                               "arbitrary code. Only for files you trust.")
+
+
+class DatasetConfig(Section):
+    path: str = Field("", description='Image folder (kohya "N_name" subfolders allowed); '
+                      '"demo" = the built-in demo dataset. Empty in presets.')
+    caption_extension: str = Field(".txt", description="Caption file extension next to images.")
+    resolution: int = Field(512, ge=64, le=2048, multiple_of=64, description="Training size in "
+                            "pixels (the side of a square of the same area).")
+    buckets: bool = Field(True, description="Aspect-ratio buckets, not crops to a square.")
+    min_bucket: int = Field(256, ge=64, le=4096, description="Smallest bucket side in pixels.")
+    max_bucket: int = Field(1024, ge=64, le=4096, description="Largest bucket side in pixels.")
+    bucket_step: int = Field(64, ge=8, le=512, multiple_of=VAE_FACTOR,
+                             description="Bucket sides step by this many pixels.")
+    no_upscale: bool = Field(False, description="Never enlarge: small images get a bucket "
+                             "within their own size.")
+    keep_tokens: int = Field(0, ge=0, description="Leading caption tags kept in place when "
+                             "shuffling or dropping tags.")
+    shuffle_captions: bool = Field(False, description="Shuffle comma-separated caption tags.")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="Chance of an empty caption.")
+    tag_dropout: float = Field(0.0, ge=0, le=1, description="Chance of dropping each tag.")
+    flip: bool = Field(False, description="Random horizontal flips (not for asymmetric subjects).")
+    cache_latents: Literal["memory", "disk", "off"] = Field("memory", description="Encode "
+        "images with the VAE once (disk: kept across runs); off: encode at every step.")
+    trigger_word: str = Field("", description="Put in front of every caption (e.g. 'sks').")
+    repeats: int = Field(1, ge=1, description='Repeats for folders without an "N_" prefix.')
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> DatasetConfig:
+        # The same rules as datasets_tools.buckets.BucketConfig, caught here
+        # so that the message names the settings.
+        if not self.buckets:
+            return self
+        for key in ("min_bucket", "max_bucket", "resolution"):
+            if getattr(self, key) % self.bucket_step:
+                raise ValueError(
+                    f"dataset.{key} = {getattr(self, key)} is not a multiple of "
+                    f"dataset.bucket_step = {self.bucket_step}"
+                )
+        if not self.min_bucket <= self.resolution <= self.max_bucket:
+            raise ValueError(
+                f"dataset.min_bucket ({self.min_bucket}) <= dataset.resolution "
+                f"({self.resolution}) <= dataset.max_bucket ({self.max_bucket}) does not hold; "
+                "change one of them, or set dataset.buckets = false"
+            )
+        return self
+
+
+def _probability(default: float, what: str):
+    return Field(default, ge=0, lt=1, description=what)
+
+
+class NetworkConfig(Section):
+    # Kept equal to networks.registry.ALGORITHMS by a test: importing it here
+    # would import torch, and the GUI needs the schema without it.
+    type: Literal["lora", "locon", "loha"] = Field("lora", description="lora: attention and "
+        "linear layers; locon: also the convolutions; loha: Hadamard product, also on convs.")
+    rank: int = Field(16, ge=1, le=1024, description="Rank (kohya network_dim): capacity/size.")
+    alpha: float = Field(8.0, gt=0, description="The update is scaled by alpha / rank.")
+    conv_rank: int = Field(8, ge=1, le=1024, description="Rank on 3x3 convs (locon/loha).")
+    conv_alpha: float = Field(4.0, gt=0, description="Alpha on 3x3 convs (locon/loha).")
+    tucker: bool = Field(False, description="Tucker decomposition of conv kernels (locon/loha).")
+    dropout: float = _probability(0.0, "Neuron dropout on the adapter's hidden activations.")
+    rank_dropout: float = _probability(0.0, "Drop whole rank channels per sample.")
+    module_dropout: float = _probability(0.0, "Skip a whole adapter module for a step.")
+    train_unet: bool = Field(True, description="Train adapters on the U-Net.")
+    train_text_encoder: bool = Field(True, description="Train adapters on the text encoder.")
+    resume_from: str = Field("", description="Adapter .safetensors to continue training from.")
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> NetworkConfig:
+        if not (self.train_unet or self.train_text_encoder):
+            raise ValueError(
+                "network.train_unet and network.train_text_encoder are both false: "
+                "nothing would be trained; set one of them to true"
+            )
+        return self
+
+    def to_spec(self):
+        """The `networks.network.NetworkSpec` this section describes (imports torch)."""
+        from networks.base import Dropout
+        from networks.network import NetworkSpec
+
+        return NetworkSpec(
+            algorithm=self.type, rank=self.rank, alpha=self.alpha,
+            conv_rank=self.conv_rank, conv_alpha=self.conv_alpha, tucker=self.tucker,
+            dropout=Dropout(
+                neuron=self.dropout, rank=self.rank_dropout, module=self.module_dropout
+            ),
+            train_unet=self.train_unet, train_text_encoder=self.train_text_encoder,
+        )
+
+
+class TrainingConfig(Section):
+    """The [train] section."""
+
+    steps: int = Field(1600, ge=0, description="Optimizer steps; 0: train for train.epochs.")
+    epochs: int = Field(0, ge=0, description="Passes over the dataset (with train.steps = 0).")
+    batch_size: int = Field(1, ge=1, description="Images per step.")
+    grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimizer step.")
+    unet_lr: float = Field(1e-4, ge=0, description="U-Net learning rate (1.0 for prodigy).")
+    text_encoder_lr: float = Field(5e-5, ge=0, description="Text encoder learning rate.")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "lion", "sgd"] = Field("adamw",
+        description="adamw8bit saves memory (needs bitsandbytes); prodigy adapts its own lr.")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay.")
+    scheduler: Scheduler = Field("constant_with_warmup", description="Learning-rate schedule.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warmup.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Half-precision "
+        "compute (adapter weights stay fp32); bf16 needs an RTX 30xx/A100 or newer.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
+                                         "backward pass: less memory, slower steps.")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel.")
+    seed: int = Field(42, ge=0, description="Random seed for noise, shuffling and init.")
+    noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise (e.g. 0.05-0.1) "
+                                "for darker/brighter images.")
+    min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR loss weighting (Hang et al. "
+                                 "2023); 5.0 is the paper's value; 0 = off.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 = off.")
+    save_state_every_n_steps: int = Field(0, ge=0, description="Save a resumable training "
+        "state every N steps; 0 = when output.save_every_n_steps saves.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_default_steps(cls, data):
+        # As in kohya: giving epochs replaces the default step count.
+        if isinstance(data, dict) and "steps" not in data:
+            epochs = data.get("epochs")
+            if isinstance(epochs, int) and epochs > 0:
+                data = {**data, "steps": 0}
+        return data
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingConfig:
+        if (self.steps > 0) == (self.epochs > 0):
+            raise ValueError(
+                f"train.steps = {self.steps} and train.epochs = {self.epochs}: set exactly one "
+                "of them above 0 (the other to 0)"
+            )
+        return self
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field([], description="Prompts rendered at each sampling point.")
+    negative_prompt: str = Field("", description="Negative prompt for every sample.")
+    every_n_steps: int = Field(0, ge=0, description="Render samples every N steps; 0 = off.")
+    steps: int = Field(20, ge=1, le=1000, description="Denoising steps per sample.")
+    guidance: float = Field(7.0, ge=0, description="Classifier-free guidance scale (1 = off).")
+    sampler: Literal["euler_a", "ddim"] = Field("euler_a", description="Sampler.")
+    seed: int = Field(1234, ge=0, description="Seed, the same at every sampling point.")
+    width: int = Field(0, ge=0, le=4096, multiple_of=VAE_FACTOR, description="Pixels; 0 = "
+                       "dataset.resolution.")
+    height: int = Field(0, ge=0, le=4096, multiple_of=VAE_FACTOR, description="Pixels; 0 = "
+                        "dataset.resolution.")
+    lcm_lora: str = Field("", description="LCM-LoRA .safetensors to sample with in few steps.")
+
+    @model_validator(mode="after")
+    def _prompts_when_sampling(self) -> SampleConfig:
+        if self.every_n_steps and not self.prompts:
+            raise ValueError(
+                f"sample.every_n_steps = {self.every_n_steps} but sample.prompts is empty; "
+                "add a prompt or set sample.every_n_steps = 0"
+            )
+        return self
+
+
+_SAFE_NAME = re.compile(r"[\w+-][\w.+-]*")
+
+
+class OutputConfig(Section):
+    dir: str = Field("outputs/{name}", description="Folder; {name} becomes output.name.")
+    name: str = Field("my-lora", max_length=120, description="Adapter file name (no extension).")
+    save_every_n_steps: int = Field(0, ge=0, description="Also save every N steps; 0 = at the "
+                                    "end only.")
+    save_precision: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Saved weights.")
+    title: str = Field("", description="Metadata: title (ss_ / modelspec fields).")
+    author: str = Field("", description="Metadata: author.")
+    description: str = Field("", description="Metadata: description.")
+    trigger_words: str = Field("", description="Metadata: words that activate the adapter.")
+    keep_last_n: int = Field(0, ge=0, description="Keep the last N periodic saves; 0 = all.")
+
+    @model_validator(mode="after")
+    def _safe_name(self) -> OutputConfig:
+        if not _SAFE_NAME.fullmatch(self.name) or self.name.endswith("."):
+            raise ValueError(
+                f'output.name = "{self.name}" is not a safe file name: use letters, digits, '
+                "'-', '_', '+' and '.' (no spaces or slashes, not ending in '.')"
+            )
+        return self
+
+
+class LCMConfig(Section):
+    """Latent Consistency distillation (Luo et al. 2023), used when task = "lcm_distill"."""
+
+    w_min: float = Field(5.0, ge=0, description="Smallest guidance scale sampled.")
+    w_max: float = Field(15.0, ge=0, description="Largest guidance scale sampled.")
+    num_ddim_timesteps: int = Field(50, ge=1, le=1000, description="DDIM solver steps.")
+    loss: Literal["huber", "l2"] = Field("huber", description="Consistency distance.")
+    huber_c: float = Field(0.001, gt=0, description="Pseudo-Huber loss constant c.")
+
+    @model_validator(mode="after")
+    def _w_order(self) -> LCMConfig:
+        if self.w_min > self.w_max:
+            raise ValueError(f"lcm.w_min ({self.w_min}) is above lcm.w_max ({self.w_max})")
+        return self
+
+
+class TrainConfig(Section):
+    task: Literal["train", "lcm_distill"] = Field("train", description="train: an adapter on "
+                                                  "images; lcm_distill: an LCM-LoRA.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="The images.")
+    network: NetworkConfig = Field(default_factory=NetworkConfig, description="The adapter.")
+    train: TrainingConfig = Field(default_factory=TrainingConfig, description="The training.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Preview images.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="What is saved.")
+    lcm: LCMConfig = Field(default_factory=LCMConfig, description="LCM distillation.")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    name: field.annotation
+    for name, field in TrainConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, Section)
+}
+# Fields holding file or folder paths (resolved against the TOML file's folder).
+PATH_KEYS = ("model.path", "dataset.path", "output.dir", "sample.lcm_lora", "network.resume_from")

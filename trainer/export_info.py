@@ -1,0 +1,62 @@
+"""The run's facts for the exported file's metadata (FORMATS.md section 5)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from networks.hashes import file_sha256
+from networks.metadata import ExportInfo
+
+_STARTED_AT = datetime.now(UTC)
+
+
+def export_info(config, report, progress) -> ExportInfo:
+    from datasets_tools.captions import tag_frequency
+    from trainer.train_setup import model_path
+
+    t = config.train
+    base = model_path(config)
+    return ExportInfo(
+        title=config.output.title or config.output.name,
+        output_name=config.output.name,
+        base_model_name=base.name,
+        base_model_sha256=_base_model_hash(base),
+        v_parameterization=config.model.v_parameterization,
+        resolution=config.dataset.resolution,
+        author=config.output.author,
+        description=config.output.description,
+        trigger_phrase=config.output.trigger_words or config.dataset.trigger_word,
+        clip_skip=config.model.clip_skip,
+        tag_frequency=tag_frequency(report.items),
+        started_at=_STARTED_AT,
+        training={
+            "steps": progress.step,
+            "epoch": progress.epoch,
+            "num_train_images": len(report.items),
+            "learning_rate": t.unet_lr,
+            "unet_lr": t.unet_lr,
+            "text_encoder_lr": t.text_encoder_lr,
+            "lr_scheduler": t.scheduler,
+            "optimizer": t.optimizer,
+            "mixed_precision": t.mixed_precision,
+            "seed": t.seed,
+            "noise_offset": t.noise_offset,
+            "min_snr_gamma": t.min_snr_gamma,
+            "batch_size_per_device": t.batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+        },
+    )
+
+
+_hash_cache: dict[Path, str] = {}
+
+
+def _base_model_hash(path: Path) -> str:
+    """sha256 of a single-file checkpoint (what A1111 and Civitai show);
+    empty for a diffusers folder, which has no one file to hash."""
+    if not path.is_file():
+        return ""
+    if path not in _hash_cache:
+        _hash_cache[path] = file_sha256(str(path))
+    return _hash_cache[path]

@@ -1,0 +1,67 @@
+"""Preview images: the base model with whatever adapters are attached.
+
+The adapters hook the very U-Net and text encoder the pipeline runs, so a
+preview shows exactly what the exported file will do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.text_encoding import encode_captions
+
+SCHEDULERS = {
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "lcm": "LCMScheduler",
+}
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    prompts: tuple[str, ...]
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float = 7.0
+    sampler: str = "euler_a"
+    seed: int = 1234
+    width: int = 512
+    height: int = 512
+    clip_skip: int = 1
+
+
+def make_scheduler(name: str, scheduler_config: dict):
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name]).from_config(scheduler_config)
+
+
+@torch.no_grad()
+def generate(sd, settings: SampleSettings) -> list:
+    """One PIL image per prompt, each from its own seeded generator."""
+    from trainer.model_loading import build_pipeline
+
+    pipe = build_pipeline(sd, scheduler=make_scheduler(settings.sampler, sd.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+
+    # Prompts are encoded here, not by the pipeline, so clip skip means what it
+    # means in training (and works with transformers' flattened CLIP).
+    def encode(text: str) -> torch.Tensor:
+        return encode_captions(sd.text_encoder, sd.tokenizer, [text], settings.clip_skip)
+
+    images = []
+    for index, prompt in enumerate(settings.prompts):
+        generator = torch.Generator().manual_seed(settings.seed + index)
+        result = pipe(
+            prompt_embeds=encode(prompt),
+            negative_prompt_embeds=encode(settings.negative_prompt),
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            width=settings.width,
+            height=settings.height,
+            generator=generator,
+        )
+        images.append(result.images[0])
+    return images

@@ -1,0 +1,276 @@
+"""`run(config)`: the training loop, top to bottom in named steps.
+
+Data parallel across processes (`accelerate launch`, `torchrun`): every
+process walks the same global batches and trains on its own slice; the loss
+of a slice is its share of the global mean, so summing the gradients across
+processes gives exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from trainer import diffusion
+from trainer.errors import UserError
+from trainer.state import Progress, load_latest_state, restore_rng_states, save_state
+from trainer.text_encoding import encode_captions
+
+
+@dataclass
+class RunResult:
+    steps_done: int
+    final_file: object  # Path of the exported adapter, None when stopped early
+    losses: list[float]
+    stopped_early: bool
+    is_main: bool = True  # only the main process reports (and writes files)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a clean stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+
+def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from trainer import train_setup as setup
+    from trainer.config import config_to_toml, output_dir
+    from trainer.run_outputs import RunOutputs, check_writable
+
+    # cpu=True is what makes accelerate set up gloo under torchrun without GPUs.
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available()
+    )
+    is_main, world, rank = (
+        accelerator.is_main_process,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    outputs = RunOutputs(output_dir(config), config.output.name, config.output.keep_last_n)
+
+    # 1. Refuse early: unwritable output, bad device settings, untrainable dataset.
+    if is_main:
+        check_writable(outputs.folder)
+    setup.check_device(config.train.mixed_precision, accelerator.device)
+    report = setup.check_dataset_or_refuse(config)
+
+    # 2. Model, network, data. The seed makes the adapter's initial weights
+    # the same in every process and every run.
+    sd = setup.load_model(config, accelerator.device)
+    set_seed(config.train.seed)
+    network = setup.build_network(config, sd)
+    train_text_encoder = bool(network.text_encoder_adapters)
+    global_batch = config.train.batch_size * world
+    data = setup.build_training_data(
+        config, report.items, sd, global_batch, is_main, accelerator.wait_for_everyone
+    )
+    steps_per_epoch = math.ceil(len(data) / config.train.grad_accum)
+    total_steps = config.train.steps or config.train.epochs * steps_per_epoch
+
+    # 3. Optimizer and schedule.
+    from trainer.optim import build_optimizer, build_scheduler
+
+    groups = network.parameter_groups(config.train.unet_lr, config.train.text_encoder_lr)
+    optimizer = build_optimizer(config.train.optimizer, groups, config.train.weight_decay)
+    scheduler = build_scheduler(
+        config.train.scheduler, optimizer, config.train.warmup_steps, total_steps
+    )
+
+    # 4. Resume from the newest complete state.
+    progress = Progress(step=0, epoch=0, batch=0)
+    if resume:
+        loaded = load_latest_state(outputs.state_root)
+        if loaded is None:
+            raise UserError(
+                f"--resume: no saved training state in {outputs.state_root}; "
+                "start without --resume."
+            )
+        network.load_state_dict(loaded.adapter)
+        optimizer.load_state_dict(loaded.training["optimizer"])
+        scheduler.load_state_dict(loaded.training["scheduler"])
+        restore_rng_states(loaded.training["rng"])
+        progress = loaded.progress
+    if is_main:
+        outputs.write_config(config_to_toml(config))
+        outputs.start_metrics(progress.step)
+
+    # 5. Train.
+    from datasets_tools.sampler import Position
+
+    stop = StopFlag()
+    network.train()
+    sd.unet.train()
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not is_main, desc="training")
+    losses: list[float] = []
+    save_every = config.output.save_every_n_steps
+    state_every = config.train.save_state_every_n_steps or save_every
+    step_started = time.perf_counter()
+    batches = data.batches(start=Position(progress.epoch, progress.batch))
+    micro_losses: list[float] = []
+    stopped_early = False
+    for micro_index, tb in enumerate(batches):
+        step = progress.step
+        global_count = len(tb.batch.items)
+        mine = slice(rank * config.train.batch_size, (rank + 1) * config.train.batch_size)
+        generator = step_generator(config.train.seed, step, micro_index % config.train.grad_accum)
+        loss_sum = training_loss(config, sd, tb, mine, generator, train_text_encoder, accelerator)
+        (loss_sum / (global_count * config.train.grad_accum)).backward()
+        micro_losses.append(float(loss_sum.detach()) / global_count)
+        if (micro_index + 1) % config.train.grad_accum:
+            continue
+
+        # One optimizer step: sum the slices' gradients, clip, step.
+        sync_gradients(network, world)
+        loss = sum_across(sum(micro_losses) / len(micro_losses), world, accelerator.device)
+        micro_losses = []
+        if not math.isfinite(loss):
+            raise UserError(
+                f"The loss became {loss} at step {step + 1}: training diverged. The files saved "
+                f"so far in {outputs.folder} are kept. Lower train.unet_lr / "
+                'train.text_encoder_lr, or use mixed_precision = "bf16" instead of "fp16".'
+            )
+        if config.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        next_position = tb.batch.next_position
+        progress = Progress(step=step + 1, epoch=next_position.epoch, batch=next_position.batch)
+        losses.append(loss)
+
+        # Logging, previews and saving (main process).
+        elapsed = time.perf_counter() - step_started
+        step_started = time.perf_counter()
+        if is_main:
+            lr = scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            eta = elapsed * (total_steps - progress.step)
+            outputs.log(progress.step, loss=loss, lr=lr, it_s=1 / elapsed, eta_s=eta,
+                        epoch=progress.epoch)  # fmt: skip
+        stop_now = stop_requested(stop, world, accelerator.device) or progress.step == stop_at_step
+        finished = progress.step >= total_steps
+        every = config.sample.every_n_steps
+        if is_main and config.sample.prompts and every and (progress.step % every == 0 or finished):
+            write_previews(config, sd, network, outputs, progress.step)
+        if is_main and save_every and progress.step % save_every == 0 and not finished:
+            export(config, network, outputs, outputs.periodic_file(progress.step), report, progress)
+            outputs.remember_periodic(outputs.periodic_file(progress.step))
+        if is_main and (stop_now or (state_every and progress.step % state_every == 0)):
+            save_state(outputs.state_root, progress, network.state_dict(), optimizer, scheduler)
+        if finished or stop_now:
+            stopped_early = not finished
+            break
+    bar.close()
+
+    final_file = None
+    if is_main and not stopped_early:
+        final_file = outputs.final_file
+        export(config, network, outputs, final_file, report, progress)
+        save_state(outputs.state_root, progress, network.state_dict(), optimizer, scheduler)
+    if is_main:
+        outputs.close()
+    accelerator.wait_for_everyone()
+    return RunResult(progress.step, final_file, losses, stopped_early, is_main)
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """Noise and timesteps are a function of (seed, step): a resumed run and a
+    run on any number of processes draw exactly the same ones."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) % 2**63)
+
+
+def training_loss(config, sd, tb, mine: slice, generator, train_text_encoder, accelerator):
+    """Sum over this process's slice of the per-sample weighted losses."""
+    latents = latents_of(sd, tb)
+    noise = diffusion.make_noise(latents.shape, generator, config.train.noise_offset)
+    scheduler = sd.noise_scheduler
+    timesteps = diffusion.sample_timesteps(
+        len(latents), scheduler.config.num_train_timesteps, generator
+    )
+    weights = diffusion.loss_weights(scheduler, timesteps, config.train.min_snr_gamma)
+    captions = tb.captions[mine]
+    if not captions:  # the last, short batch may leave a process nothing to do
+        return torch.zeros((), device=accelerator.device, requires_grad=True)
+    device = accelerator.device
+    latents, noise, timesteps = latents[mine].to(device), noise[mine].to(device), timesteps[mine]
+    timesteps = timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion.compute_target(scheduler, latents, noise, timesteps)
+    with accelerator.autocast():
+        with torch.set_grad_enabled(train_text_encoder):
+            text = encode_captions(sd.text_encoder, sd.tokenizer, captions, config.model.clip_skip)
+        prediction = sd.unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
+    per_sample = diffusion.per_sample_mse(prediction, target)
+    return (per_sample * weights[mine].to(device)).sum()
+
+
+@torch.no_grad()
+def latents_of(sd, tb) -> torch.Tensor:
+    if tb.latents is not None:
+        return tb.latents.float()
+    pixels = tb.pixels.to(sd.vae.device, sd.vae.dtype)
+    latents = sd.vae.encode(pixels).latent_dist.mode() * sd.vae.config.scaling_factor
+    return latents.float().cpu()
+
+
+def sync_gradients(network, world: int) -> None:
+    if world == 1:
+        return
+    params = [p for p in network.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for param in params:
+        n = param.numel()
+        param.grad = flat[offset : offset + n].view_as(param).clone()
+        offset += n
+
+
+def sum_across(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor)
+
+
+def stop_requested(stop: StopFlag, world: int, device) -> bool:
+    """Every process stops at the same step, even if only one got the signal."""
+    return sum_across(float(stop.requested), world, device) > 0
+
+
+def write_previews(config, sd, network, outputs, step: int) -> None:
+    from trainer.preview import preview_settings
+    from trainer.sampling import generate
+
+    network.eval()
+    try:
+        images = generate(sd, preview_settings(config))
+    finally:
+        network.train()
+    outputs.save_previews(step, images)
+
+
+def export(config, network, outputs, path, report, progress) -> None:
+    from networks.export import export_network
+    from trainer.export_info import export_info
+
+    export_network(
+        network, path, export_info(config, report, progress), config.output.save_precision
+    )

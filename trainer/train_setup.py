@@ -1,0 +1,133 @@
+"""The steps before the first training step, each a short function:
+paths, dataset check, model, network, data pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.demo_assets import DEMO_KEYWORD, ensure_demo_dataset, ensure_demo_model
+from trainer.errors import UserError
+from trainer.paths import cache_root
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def model_path(config) -> Path:
+    return ensure_demo_model() if config.model.path == DEMO_KEYWORD else Path(config.model.path)
+
+
+def dataset_path(config) -> Path:
+    return (
+        ensure_demo_dataset() if config.dataset.path == DEMO_KEYWORD else Path(config.dataset.path)
+    )
+
+
+def bucket_config(config):
+    from datasets_tools.buckets import BucketConfig
+
+    d = config.dataset
+    return BucketConfig(
+        resolution=d.resolution, enabled=d.buckets, step=d.bucket_step,
+        min_side=d.min_bucket, max_side=d.max_bucket, no_upscale=d.no_upscale,
+    )  # fmt: skip
+
+
+def check_dataset_or_refuse(config):
+    """The same check as `python -m datasets_tools check`; refuses with its report."""
+    from datasets_tools.check import check_dataset
+
+    report = check_dataset(
+        dataset_path(config),
+        bucket_config(config),
+        caption_extension=config.dataset.caption_extension,
+    )
+    report.raise_if_untrainable()
+    return report
+
+
+def check_device(mixed_precision: str, device: torch.device) -> None:
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise UserError(
+            'train.mixed_precision = "fp16" needs a GPU; on the CPU use "bf16" or "no".'
+        )
+
+
+def load_model(config, device: torch.device):
+    from trainer.model_loading import load_sd_model
+
+    sd = load_sd_model(
+        model_path(config), allow_pickle=config.model.allow_pickle,
+        v_parameterization=config.model.v_parameterization,
+    )  # fmt: skip
+    weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
+    for part in (sd.unet, sd.text_encoder, sd.vae):
+        part.requires_grad_(False).to(device)
+    if weight_dtype != torch.float32:
+        # The frozen weights only: adapters stay fp32, and the VAE too (latents
+        # are encoded once, and an fp16 SD VAE overflows to NaN).
+        sd.unet.to(dtype=weight_dtype)
+        sd.text_encoder.to(dtype=weight_dtype)
+    if config.train.attention == "xformers":
+        try:
+            sd.unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as exc:
+            raise UserError(
+                f'train.attention = "xformers" but xformers cannot be used here ({exc}); '
+                'use "sdpa" (PyTorch\'s built-in attention).'
+            ) from exc
+    if config.train.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+        if config.network.train_text_encoder:
+            sd.text_encoder.gradient_checkpointing_enable()
+    return sd
+
+
+def build_network(config, sd):
+    """A fresh network, or the one in `network.resume_from` to continue training it."""
+    from networks.export import load_network
+    from networks.network import AdapterNetwork
+
+    spec = config.network.to_spec()
+    if config.network.resume_from:
+        network = load_network(config.network.resume_from, sd.unet, sd.text_encoder, spec.dropout)
+        network.spec = spec
+    else:
+        network = AdapterNetwork.create(spec, sd.unet, sd.text_encoder)
+    network.to(torch.float32)  # adapter weights stay fp32 under mixed precision
+    return network.attach()
+
+
+def caption_options(config):
+    from datasets_tools.captions import CaptionOptions
+
+    d = config.dataset
+    return CaptionOptions(
+        prefix=d.trigger_word, shuffle_tags=d.shuffle_captions, keep_tokens=d.keep_tokens,
+        caption_dropout=d.caption_dropout, tag_dropout=d.tag_dropout,
+    )  # fmt: skip
+
+
+def build_training_data(config, items, sd, global_batch: int, is_main: bool, wait_for_everyone):
+    from datasets_tools.hashing import module_identity
+    from datasets_tools.latent_cache import LatentCache
+    from datasets_tools.training_data import DataOptions, TrainingData
+
+    options = DataOptions(
+        buckets=bucket_config(config), flip=config.dataset.flip, captions=caption_options(config),
+        batch_size=global_batch, seed=config.train.seed,
+    )  # fmt: skip
+    cache = None
+    if config.dataset.cache_latents != "off":
+        folder = cache_root() / "latents" if config.dataset.cache_latents == "disk" else None
+        cache = LatentCache(sd.vae, module_identity(sd.vae), folder, progress=is_main)
+    data = TrainingData(items, options, cache)
+    if cache is not None:
+        # On disk the main process encodes and the others then read its files.
+        if folder is not None and not is_main:
+            wait_for_everyone()
+        data.cache_latents()
+        if folder is not None and is_main:
+            wait_for_everyone()
+    return data
