@@ -41,6 +41,7 @@ class ExportInfo:
     trigger_phrase: str = ""
     tags: str = ""
     license: str = ""
+    usage_hint: str = ""
     clip_skip: int = 1
     comment: str = ""
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -98,6 +99,7 @@ def build_metadata(spec: NetworkSpec, info: ExportInfo) -> dict[str, str]:
         "modelspec.trigger_phrase": info.trigger_phrase,
         "modelspec.tags": info.tags,
         "modelspec.license": info.license,
+        "modelspec.usage_hint": info.usage_hint,
     }
     meta |= {k: v for k, v in optional.items() if v}
     return meta

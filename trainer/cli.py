@@ -37,6 +37,12 @@ def _train(args: argparse.Namespace) -> None:
         print(f"done: {result.steps_done} steps, adapter written to {result.final_file}")
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from trainer.sample_cli import run_sample
+
+    run_sample(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     train.set_defaults(handler=_train)
 
+    from trainer.sample_cli import add_sample_arguments
+
+    sample = commands.add_parser(
+        "sample",
+        help="generate one image with LoRAs (and an LCM-LoRA) merged into the model",
+        description="Merge each --lora (and --lcm-lora) into the model's weights, W' = W + "
+        "weight * scale * delta W, then sample one PNG. With --lcm-lora: LCM scheduler, "
+        "4 steps, guidance 1.0 by default; otherwise euler_a, 20 steps, guidance 7.0.",
+    )
+    add_sample_arguments(sample)
+    sample.set_defaults(handler=_sample)
     return parser
 
 

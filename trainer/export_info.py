@@ -9,6 +9,10 @@ from networks.hashes import file_sha256
 from networks.metadata import ExportInfo
 
 _STARTED_AT = datetime.now(UTC)
+LCM_COMMENT = (
+    "LCM-LoRA: sample with the LCM scheduler in 4-8 steps at guidance 1-2; "
+    "combine with a style LoRA by adding both."
+)
 
 
 def export_info(config, report, progress) -> ExportInfo:
@@ -17,6 +21,7 @@ def export_info(config, report, progress) -> ExportInfo:
 
     t = config.train
     base = model_path(config)
+    lcm = config.task == "lcm_distill"
     return ExportInfo(
         title=config.output.title or config.output.name,
         output_name=config.output.name,
@@ -28,6 +33,9 @@ def export_info(config, report, progress) -> ExportInfo:
         description=config.output.description,
         trigger_phrase=config.output.trigger_words or config.dataset.trigger_word,
         clip_skip=config.model.clip_skip,
+        comment=LCM_COMMENT if lcm else "",
+        usage_hint=LCM_COMMENT if lcm else "",
+        tags="lcm-lora" if lcm else "",
         tag_frequency=tag_frequency(report.items),
         started_at=_STARTED_AT,
         training={
@@ -45,6 +53,7 @@ def export_info(config, report, progress) -> ExportInfo:
             "min_snr_gamma": t.min_snr_gamma,
             "batch_size_per_device": t.batch_size,
             "gradient_accumulation_steps": t.grad_accum,
+            **({"lcm_lora": "True"} if lcm else {}),
         },
     )
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from trainer.sampling import SampleSettings
+
+# LCM-LoRA sampling as published: 4 steps, guidance 1 (no CFG) (FORMATS.md section 6).
+LCM_STEPS, LCM_GUIDANCE = 4, 1.0
 
 
 def preview_settings(config) -> SampleSettings:
     s = config.sample
-    return SampleSettings(
+    settings = SampleSettings(
         prompts=tuple(s.prompts),
         negative_prompt=s.negative_prompt,
         steps=s.steps,
@@ -18,3 +23,6 @@ def preview_settings(config) -> SampleSettings:
         height=s.height or config.dataset.resolution,
         clip_skip=config.model.clip_skip,
     )
+    if config.task == "lcm_distill" or s.lcm_lora:
+        return replace(settings, sampler="lcm", steps=LCM_STEPS, guidance=LCM_GUIDANCE)
+    return settings

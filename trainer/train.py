@@ -127,7 +127,9 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
         global_count = len(tb.batch.items)
         mine = slice(rank * config.train.batch_size, (rank + 1) * config.train.batch_size)
         generator = step_generator(config.train.seed, step, micro_index % config.train.grad_accum)
-        loss_sum = training_loss(config, sd, tb, mine, generator, train_text_encoder, accelerator)
+        loss_sum = training_loss(
+            config, sd, network, tb, mine, generator, train_text_encoder, accelerator
+        )
         (loss_sum / (global_count * config.train.grad_accum)).backward()
         micro_losses.append(float(loss_sum.detach()) / global_count)
         if (micro_index + 1) % config.train.grad_accum:
@@ -194,8 +196,10 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) % 2**63)
 
 
-def training_loss(config, sd, tb, mine: slice, generator, train_text_encoder, accelerator):
+def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, accelerator):
     """Sum over this process's slice of the per-sample weighted losses."""
+    if config.task == "lcm_distill":
+        return lcm_distillation_loss(config, sd, network, tb, mine, generator, accelerator)
     latents = latents_of(sd, tb)
     noise = diffusion.make_noise(latents.shape, generator, config.train.noise_offset)
     scheduler = sd.noise_scheduler
@@ -217,6 +221,26 @@ def training_loss(config, sd, tb, mine: slice, generator, train_text_encoder, ac
         prediction = sd.unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
     per_sample = diffusion.per_sample_mse(prediction, target)
     return (per_sample * weights[mine].to(device)).sum()
+
+
+def lcm_distillation_loss(config, sd, network, tb, mine, generator, accelerator):
+    """LCM-LoRA (trainer.lcm): the U-Net with adapters off is the teacher."""
+    from trainer import lcm
+
+    captions = tb.captions[mine]
+    if not captions:
+        return torch.zeros((), device=accelerator.device, requires_grad=True)
+    with torch.no_grad():
+        text = encode_captions(sd.text_encoder, sd.tokenizer, captions, config.model.clip_skip)
+        uncond = encode_captions(sd.text_encoder, sd.tokenizer, [""], config.model.clip_skip)
+    latents = latents_of(sd, tb)[mine].to(accelerator.device)
+    loss = lcm.distillation_loss(
+        sd.unet, network, latents, text.to(sd.unet.dtype), uncond.to(sd.unet.dtype),
+        sd.noise_scheduler, generator, config.lcm.w_min, config.lcm.w_max, config.lcm.loss,
+        config.lcm.huber_c, autocast=accelerator.autocast,
+        num_ddim=config.lcm.num_ddim_timesteps,
+    )  # fmt: skip
+    return loss * len(captions)  # the mean over the slice -> its sum
 
 
 @torch.no_grad()
@@ -256,14 +280,23 @@ def stop_requested(stop: StopFlag, world: int, device) -> bool:
 
 
 def write_previews(config, sd, network, outputs, step: int) -> None:
+    """Previews with the adapter as trained so far; in 4 LCM steps when the run
+    distils an LCM-LoRA or `sample.lcm_lora` names one (attached only meanwhile)."""
+    from networks.export import load_network
     from trainer.preview import preview_settings
     from trainer.sampling import generate
 
+    lcm_network = None
+    if config.task != "lcm_distill" and config.sample.lcm_lora:
+        lcm_network = load_network(config.sample.lcm_lora, sd.unet, sd.text_encoder).attach()
+        lcm_network.to(sd.unet.device)
     network.eval()
     try:
         images = generate(sd, preview_settings(config))
     finally:
         network.train()
+        if lcm_network is not None:
+            lcm_network.detach()
     outputs.save_previews(step, images)
 
 
