@@ -223,3 +223,22 @@ def test_cpu_demo_preset_runs_end_to_end(tmp_path):
     ]  # fmt: skip
     assert len(metrics(out)) == 30
     assert "done: 30 steps" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"train.gradient_checkpointing": True, "network.train_text_encoder": True},
+        {"train.mixed_precision": "bf16", "network.type": "loha"},
+        {"train.min_snr_gamma": 5.0, "train.noise_offset": 0.05, "model.clip_skip": 2,
+         "train.grad_accum": 2, "model.v_parameterization": True},
+    ],
+    ids=["checkpointing+te", "bf16+loha", "snr+offset+clipskip+accum"],
+)  # fmt: skip
+def test_training_options_run_and_keep_fp32_adapters(extra, demo_model_dir, four_images, tmp_path):
+    if extra.get("model.v_parameterization"):  # single files take it from the config
+        extra = {**extra, "model.path": str(demo_model_dir / "demo-sd15.safetensors")}
+    result = run(config_for(demo_model_dir, four_images, tmp_path, **{"train.steps": 3, **extra}))
+    assert len(result.losses) == 3 and all(0 < loss < 10 for loss in result.losses)
+    state = sorted((tmp_path / "state").iterdir())[-1]
+    assert {t.dtype for t in load_file(state / "adapter.safetensors").values()} == {torch.float32}

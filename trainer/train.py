@@ -8,6 +8,7 @@ processes gives exactly the single-process gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -52,9 +53,9 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
     from trainer.run_outputs import RunOutputs, check_writable
 
     # cpu=True is what makes accelerate set up gloo under torchrun without GPUs.
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available()
-    )
+    # Mixed precision is ours (autocast + scaler), not accelerate's: its state is
+    # a process-wide singleton that a second run in the same process cannot change.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main, world, rank = (
         accelerator.is_main_process,
         accelerator.num_processes,
@@ -71,6 +72,7 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
     # 2. Model, network, data. The seed makes the adapter's initial weights
     # the same in every process and every run.
     sd = setup.load_model(config, accelerator.device)
+    step_context = StepContext(accelerator.device, config.train.mixed_precision)
     set_seed(config.train.seed)
     network = setup.build_network(config, sd)
     train_text_encoder = bool(network.text_encoder_adapters)
@@ -128,9 +130,9 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
         mine = slice(rank * config.train.batch_size, (rank + 1) * config.train.batch_size)
         generator = step_generator(config.train.seed, step, micro_index % config.train.grad_accum)
         loss_sum = training_loss(
-            config, sd, network, tb, mine, generator, train_text_encoder, accelerator
+            config, sd, network, tb, mine, generator, train_text_encoder, step_context
         )
-        (loss_sum / (global_count * config.train.grad_accum)).backward()
+        step_context.scaler.scale(loss_sum / (global_count * config.train.grad_accum)).backward()
         micro_losses.append(float(loss_sum.detach()) / global_count)
         if (micro_index + 1) % config.train.grad_accum:
             continue
@@ -145,9 +147,11 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
                 f"so far in {outputs.folder} are kept. Lower train.unet_lr / "
                 'train.text_encoder_lr, or use mixed_precision = "bf16" instead of "fp16".'
             )
+        step_context.scaler.unscale_(optimizer)
         if config.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(network.parameters(), config.train.max_grad_norm)
-        optimizer.step()
+        step_context.scaler.step(optimizer)
+        step_context.scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         next_position = tb.batch.next_position
@@ -196,10 +200,28 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) % 2**63)
 
 
-def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, accelerator):
+@dataclass
+class StepContext:
+    """Device and mixed precision: autocast for the frozen model's compute, a
+    gradient scaler for fp16 (a no-op otherwise); adapter weights stay fp32."""
+
+    device: torch.device
+    mixed_precision: str
+
+    def __post_init__(self):
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mixed_precision == "fp16")
+
+    def autocast(self):
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, ctx):
     """Sum over this process's slice of the per-sample weighted losses."""
     if config.task == "lcm_distill":
-        return lcm_distillation_loss(config, sd, network, tb, mine, generator, accelerator)
+        return lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx)
     latents = latents_of(sd, tb)
     noise = diffusion.make_noise(latents.shape, generator, config.train.noise_offset)
     scheduler = sd.noise_scheduler
@@ -209,13 +231,13 @@ def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, 
     weights = diffusion.loss_weights(scheduler, timesteps, config.train.min_snr_gamma)
     captions = tb.captions[mine]
     if not captions:  # the last, short batch may leave a process nothing to do
-        return torch.zeros((), device=accelerator.device, requires_grad=True)
-    device = accelerator.device
+        return torch.zeros((), device=ctx.device, requires_grad=True)
+    device = ctx.device
     latents, noise, timesteps = latents[mine].to(device), noise[mine].to(device), timesteps[mine]
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = diffusion.compute_target(scheduler, latents, noise, timesteps)
-    with accelerator.autocast():
+    with ctx.autocast():
         with torch.set_grad_enabled(train_text_encoder):
             text = encode_captions(sd.text_encoder, sd.tokenizer, captions, config.model.clip_skip)
         prediction = sd.unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
@@ -223,21 +245,21 @@ def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, 
     return (per_sample * weights[mine].to(device)).sum()
 
 
-def lcm_distillation_loss(config, sd, network, tb, mine, generator, accelerator):
+def lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx):
     """LCM-LoRA (trainer.lcm): the U-Net with adapters off is the teacher."""
     from trainer import lcm
 
     captions = tb.captions[mine]
     if not captions:
-        return torch.zeros((), device=accelerator.device, requires_grad=True)
+        return torch.zeros((), device=ctx.device, requires_grad=True)
     with torch.no_grad():
         text = encode_captions(sd.text_encoder, sd.tokenizer, captions, config.model.clip_skip)
         uncond = encode_captions(sd.text_encoder, sd.tokenizer, [""], config.model.clip_skip)
-    latents = latents_of(sd, tb)[mine].to(accelerator.device)
+    latents = latents_of(sd, tb)[mine].to(ctx.device)
     loss = lcm.distillation_loss(
         sd.unet, network, latents, text.to(sd.unet.dtype), uncond.to(sd.unet.dtype),
         sd.noise_scheduler, generator, config.lcm.w_min, config.lcm.w_max, config.lcm.loss,
-        config.lcm.huber_c, autocast=accelerator.autocast,
+        config.lcm.huber_c, autocast=ctx.autocast,
         num_ddim=config.lcm.num_ddim_timesteps,
     )  # fmt: skip
     return loss * len(captions)  # the mean over the slice -> its sum
