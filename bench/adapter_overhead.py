@@ -28,18 +28,35 @@ CASES = {
 }
 
 
-def step_seconds(unet, repeats: int) -> float:
+def make_step(unet):
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 32, 32, generator=generator, requires_grad=True)
     text = torch.randn(1, 77, 768, generator=generator)
     timestep = torch.tensor([500])
-    times = []
-    for i in range(repeats + 1):
+
+    def step() -> float:
         start = time.perf_counter()
         unet(latents, timestep, text).sample.float().square().mean().backward()
-        if i:  # the first run warms allocator and kernels
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return step
+
+
+def interleaved_ratios(unet, networks: dict, repeats: int) -> tuple[float, dict[str, float]]:
+    """Median frozen step time and median per-round ratios. Each round times the
+    frozen U-Net and then every adapter right after it, so slow drifts of a shared
+    machine hit both sides of a ratio alike."""
+    step = make_step(unet)
+    step()  # warm-up: allocator, kernels
+    frozen_times, ratios = [], {label: [] for label in networks}
+    for _ in range(repeats):
+        frozen = step()
+        frozen_times.append(frozen)
+        for label, network in networks.items():
+            network.attach()
+            ratios[label].append(step() / frozen)
+            network.detach()
+    return statistics.median(frozen_times), {k: statistics.median(v) for k, v in ratios.items()}
 
 
 def saved_bytes(step, resident: list[torch.Tensor]) -> int:
@@ -90,18 +107,18 @@ def loha_memory(rank: int = 8) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     args = parser.parse_args()
-    torch.set_grad_enabled(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sd = build_sd15_from_config(seed=0)
     unet = sd.unet.requires_grad_(False)
-    frozen = step_seconds(unet, args.repeats)
-    print(f"frozen U-Net fwd+bwd: {frozen:.3f} s")
-    for label, spec in CASES.items():
-        network = AdapterNetwork.create(spec, unet, None).attach()
-        seconds = step_seconds(unet, args.repeats)
-        count = len(network.unet_adapters)
-        print(f"{label:14s} {seconds:.3f} s  {seconds / frozen:.3f}x  ({count} modules)")
-        network.detach()
+    networks = {label: AdapterNetwork.create(spec, unet, None) for label, spec in CASES.items()}
+    frozen, ratios = interleaved_ratios(unet, networks, args.repeats)
+    print(f"frozen U-Net fwd+bwd: {frozen:.3f} s (median of {args.repeats})")
+    for label, ratio in ratios.items():
+        count = len(networks[label].unet_adapters)
+        print(f"{label:14s} {ratio:.3f}x  ({count} modules)")
     memory = loha_memory()
     print(
         "LoHa 1280x1280 Linear, saved for backward: "
