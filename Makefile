@@ -32,7 +32,13 @@ $(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
 run: $(RUNTIME_STAMP)
 	$(PY) app.py
 
-test: $(DEV_STAMP)
+# The browser test drives Debian's chromium (never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -q && apt-get install -y -q chromium
+
+test: $(DEV_STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 lint: $(DEV_STAMP)
@@ -42,3 +48,7 @@ bench: $(DEV_STAMP)
 	$(PY) -m bench.adapter_overhead
 	$(PY) -m bench.dataset_scan
 	$(PY) -m bench.latent_cache
+	$(PY) -m bench.train_step
+	$(PY) -m bench.lcm_preview_speed
+	$(PY) -m bench.lcm_evidence
+	$(PY) -m bench.gui_startup

@@ -1,0 +1,43 @@
+"""The page: a welcome box offering the demo, then one tab per step."""
+
+from __future__ import annotations
+
+from gui import dataset_tab, export_tab, preview_tab, train_tab
+from gui.datadir import DataDirs
+from gui.form import SPECS, make_component
+from gui.handlers import Context
+from gui.jobs import JobRunner
+
+INTRO = """# LoRA trainer
+Train LoRA, LoCon and LoHa adapters (and LCM-LoRAs) for Stable Diffusion 1.x on this computer.
+**Dataset** → **Train** → **Preview** → **Export**."""
+
+WELCOME = """### New here?
+No base model is set yet. The demo fills the Train tab with a built-in tiny model and
+images that train on a CPU in about two minutes, to see every step work before using
+your own model (an SD 1.5 `.safetensors` file) and images."""
+
+
+def build_ui(dirs: DataDirs, runner: JobRunner):
+    import gradio as gr
+
+    form = {spec.key: make_component(spec) for spec in SPECS}
+    # Runs started here go where the Export tab looks, not into the working folder.
+    form["output.dir"].value = str(dirs.outputs / "{name}")
+    with gr.Blocks(title="LoRA trainer") as ui:
+        gr.Markdown(INTRO)
+        with gr.Column(visible=True, elem_id="welcome") as welcome:
+            gr.Markdown(WELCOME)
+            demo_button = gr.Button("Load the demo settings", variant="primary",
+                                    elem_id="load-demo")
+        with gr.Tabs(selected="dataset") as tabs:
+            ctx = Context(dirs=dirs, runner=runner, form=form, tabs=tabs)
+            with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
+                dataset_tab.build(ctx)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train_tab.build(ctx, demo_button, welcome)
+            with gr.Tab("Preview", id="preview", elem_id="tab-preview") as preview:
+                preview_tab.build(ctx, preview)
+            with gr.Tab("Export", id="export", elem_id="tab-export") as export:
+                export_tab.build(ctx, export)
+    return ui

@@ -1,0 +1,95 @@
+"""Adapter files the runs produced, their summaries, and handing files to
+the browser."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from gui import views
+from gui.cli_runs import explain_failure, python_module, run_cli
+from gui.datadir import DataDirs
+from gui.jobs import JobRunner
+from trainer.errors import UserError
+
+# The metadata fields the Export tab edits: (label, ModelSpec key).
+EDITABLE = (("Title", "modelspec.title"), ("Trigger words", "modelspec.trigger_phrase"),
+            ("Description", "modelspec.description"))
+_SUMMARY_KEYS = ("modelspec.architecture", "modelspec.title", "modelspec.trigger_phrase",
+                 "modelspec.description", "modelspec.resolution", "ss_sd_model_name",
+                 "ss_steps", "ss_network_module", "ss_network_args")
+
+
+def adapter_files(dirs: DataDirs, runner: JobRunner) -> list[Path]:
+    """Every adapter in the app's outputs and in the output folders of its
+    jobs, newest first; training states (state/) are not adapters."""
+    folders = {dirs.outputs} | {Path(job.output_dir) for job in runner.jobs()}
+    found: set[Path] = set()
+    for folder in folders:
+        if folder.is_dir():
+            found.update(p for p in folder.rglob("*.safetensors")
+                         if "state" not in p.relative_to(folder).parts[:-1])
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def label(path: Path) -> str:
+    size = path.stat().st_size / 1e6
+    return f"{path.name}  ({path.parent.name}, {size:.1f} MB)"
+
+
+def inspect(path: str) -> dict:
+    """`python -m networks inspect FILE --json` (imports torch, so a child)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{path} is not a file; pick an adapter from the list.")
+    result = run_cli(python_module("networks", "inspect", str(file), "--json"),
+                     "Inspecting the file", timeout=600)
+    if result.returncode not in (0, 1):  # 1: it found problems, and lists them
+        raise UserError(explain_failure(result.returncode, result.stderr, "Inspecting the file"))
+    return json.loads(result.stdout)
+
+
+def summary(report: dict) -> str:
+    def counts(table: dict) -> str:
+        return ", ".join(f"{k} ({v})" for k, v in table.items()) or "none"
+
+    lines = [f"**{views.escape(Path(report['path']).name)}**", "",
+             f"- Algorithm: {counts(report['algorithms'])}",
+             f"- Rank: {counts(report['ranks'])}; alpha: {counts(report['alphas'])}",
+             f"- Modules: U-Net {report['unet_modules']}, text encoder "
+             f"{report['text_encoder_modules']}; weights {counts(report['dtypes'])}"]
+    meta = report["metadata"]
+    lines += [f"- `{key}`: {views.escape(_short(meta[key]))}" for key in _SUMMARY_KEYS
+              if meta.get(key)]
+    lines += [f"- **Problem:** {views.escape(p)}" for p in report["problems"]]
+    lines += [f"- Warning: {views.escape(w)}" for w in report["warnings"]]
+    if not report["problems"]:
+        lines.append("- Loads in A1111, ComfyUI and lycoris.")
+    return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def servable(path: Path, dirs: DataDirs) -> Path:
+    """A path the browser may fetch: Gradio serves only from allowed folders
+    (the data folder, the working folder, the temp folder), so a file
+    elsewhere, e.g. in a custom output.dir, is copied next to the data first."""
+    resolved = path.resolve()
+    allowed = (dirs.root.resolve(), Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve())
+    if any(resolved.is_relative_to(folder) for folder in allowed):
+        return resolved
+    stat = resolved.stat()
+    key = hashlib.sha1(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    copy = dirs.root / "served" / key[:16] / resolved.name
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(copy.name + ".tmp")
+        shutil.copyfile(resolved, tmp)
+        os.replace(tmp, copy)
+    return copy

@@ -1,0 +1,99 @@
+"""The Train tab's live view: status, progress, loss plot, previews and log
+of the current (else the latest) job, redrawn by a timer only when something
+changed, so an idle page costs nothing and plots do not flicker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gui import views
+from gui.jobs import Job, JobRunner, Status
+from gui.run_files import (
+    MetricsReader,
+    log_lines,
+    newest_samples,
+    read_tail,
+    tqdm_total,
+)
+
+_STATUS_WORDS = {
+    Status.QUEUED: "Waiting for the running job to finish",
+    Status.RUNNING: "Training",
+    Status.STOPPING: "Stopping: saving the state at the end of this step",
+    Status.DONE: "Finished",
+    Status.STOPPED: "Stopped",
+    Status.FAILED: "Failed",
+    Status.CANCELLED: "Cancelled",
+    Status.INTERRUPTED: "Interrupted",
+}
+
+
+class Monitor:
+    def __init__(self, runner: JobRunner):
+        self.runner = runner
+        self._readers: dict[int, MetricsReader] = {}
+
+    def shown_job(self) -> Job | None:
+        return self.runner.current() or self.runner.latest()
+
+    def signature(self) -> tuple:
+        """Changes whenever anything on screen would."""
+        job = self.shown_job()
+        if job is None:
+            return (self.runner.version,)
+        log = job.log_path
+        samples = Path(job.output_dir) / "samples"
+        return (self.runner.version, job.id, _size(log), _size(Path(job.output_dir) /
+                "metrics.jsonl"), samples.stat().st_mtime_ns if samples.is_dir() else 0)
+
+    def view(self) -> dict[str, object]:
+        job = self.shown_job()
+        if job is None:
+            return {"status": "No training yet: set up the form and press **Start**.",
+                    "progress": "", "metrics": [], "samples": [], "log": "", "jobs": ""}
+        reader = self._readers.setdefault(job.id, MetricsReader(Path(job.output_dir) /
+                                                                "metrics.jsonl"))
+        metrics = reader.read()
+        tail = read_tail(job.log_path)
+        last = metrics[-1] if metrics else None
+        total = tqdm_total(tail) or job.total_steps or None
+        if job.status in (Status.RUNNING, Status.STOPPING):
+            progress = views.progress(last.step if last else 0, total, last)
+        elif last is not None:
+            progress = views.progress(last.step, total, last)
+        else:
+            progress = ""
+        return {
+            "status": _status(job),
+            "progress": progress,
+            "metrics": metrics,
+            "samples": [str(p) for p in newest_samples(Path(job.output_dir))],
+            "log": "\n".join(log_lines(tail)),
+            "jobs": _jobs_table(self.runner.jobs()),
+        }
+
+
+def _status(job: Job) -> str:
+    text = f"**Job {job.id} ({views.escape(job.name)}): {_STATUS_WORDS[job.status]}.**"
+    if job.status is Status.FAILED:
+        return text + "\n\n" + views.problem(job.message)
+    if job.message:
+        text += " " + views.escape(job.message)
+    return text
+
+
+def _jobs_table(jobs: list[Job]) -> str:
+    if len(jobs) < 2:
+        return ""
+    rows = ["| job | name | status | started as |", "|---|---|---|---|"]
+    for job in reversed(jobs[-10:]):
+        how = "resume" if job.resume else "new run"
+        rows.append(f"| {job.id} | {views.escape(job.name)} | {job.status.value} | {how} |")
+    return "\n".join(rows)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1

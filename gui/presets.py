@@ -1,0 +1,74 @@
+"""Presets in the GUI: the bundled TOML files plus the user's own, saved as
+small TOML files holding only what differs from the schema defaults."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from gui.datadir import DataDirs, safe_name
+from gui.form import non_default_tables
+from trainer.atomic import atomic_write_text
+from trainer.config import TrainConfig, load_config, output_dir, preset_paths
+from trainer.errors import UserError
+
+DEMO_PRESET = "cpu-demo"
+
+
+def choices(dirs: DataDirs) -> list[tuple[str, str]]:
+    """(label, path) for the dropdown: bundled presets, then the user's."""
+    bundled = [(name, str(path)) for name, path in preset_paths().items()]
+    mine = [(f"{path.stem} (mine)", str(path)) for path in sorted(dirs.presets.glob("*.toml"))]
+    return bundled + mine
+
+
+def load(path: str, dirs: DataDirs) -> TrainConfig:
+    """A preset as a full config; without its own output.dir, runs go to the
+    app's outputs folder (where the Export tab looks)."""
+    if not path:
+        raise UserError("Choose a preset first.")
+    config = load_config(path)
+    with open(path, "rb") as file:
+        gives_dir = "dir" in tomllib.load(file).get("output", {})
+    if not gives_dir:
+        config.output.dir = str(dirs.outputs / "{name}")
+    return config
+
+
+def save(config: TrainConfig, name: str, dirs: DataDirs) -> Path:
+    import tomli_w
+
+    name = safe_name(name, "")
+    if not name:
+        raise UserError("Enter a name for the preset (letters, digits, '-', '_').")
+    if name in preset_paths():
+        raise UserError(f"{name} is the name of a bundled preset; choose another name.")
+    path = dirs.presets / f"{name}.toml"
+    header = "# Saved from the GUI: only what differs from the defaults.\n"
+    atomic_write_text(path, header + tomli_w.dumps(non_default_tables(config)))
+    return path
+
+
+def free_output_name(config: TrainConfig) -> str:
+    """output.name, or name-2, name-3... so that a new run never overwrites an old one."""
+    base, name, n = config.output.name, config.output.name, 1
+    while holds_run(output_dir(config.model_copy(update={"output": config.output.model_copy(
+            update={"name": name})}))):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def holds_run(folder: Path) -> bool:
+    """A folder with an adapter or a saved training state: starting afresh there would
+    overwrite work, so the GUI offers Resume or a new name instead."""
+    state = folder / "state"
+    return any(folder.glob("*.safetensors")) or (state.is_dir() and any(state.iterdir()))
+
+
+def saved_step(folder: Path) -> int | None:
+    """The step of the newest complete training state in a run folder
+    (trainer/state.py names them state-<step>), or None."""
+    steps = [int(p.name.split("-", 1)[1]) for p in (folder / "state").glob("state-*")
+             if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return max(steps, default=None)

@@ -1,0 +1,96 @@
+"""The Preview tab: one image from a base model with LoRAs (and an LCM-LoRA),
+by `python -m trainer sample` in a child process."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from gui import exports, views
+from gui.cli_runs import explain_failure, python_module, run_cli
+from gui.handlers import Context, reports_to
+from trainer.errors import UserError
+
+GALLERY_SIZE = 12
+
+
+def sample_arguments(model: str, loras: str, lcm: str, prompt: str, negative: str, seed,
+                     steps, guidance, size: str, out: Path) -> list[str]:
+    """The CLI's arguments; empty steps/guidance leave the CLI's defaults
+    (20 steps at 7.0, or 4 steps at 1.0 with an LCM-LoRA)."""
+    if not model.strip():
+        raise UserError('Enter the base model: a .safetensors file, a diffusers folder or "demo".')
+    if not prompt.strip():
+        raise UserError("Enter a prompt.")
+    args = ["sample", "--model", model.strip(), "--prompt", prompt.strip(),
+            "--negative", negative.strip(), "--size", size.strip() or "512x512",
+            "--seed", str(int(seed or 0)), "--out", str(out)]
+    for line in loras.splitlines():
+        if line.strip():
+            args += ["--lora", line.strip()]
+    if lcm.strip():
+        args += ["--lcm-lora", lcm.strip()]
+    if steps not in (None, ""):
+        args += ["--steps", str(int(steps))]
+    if guidance not in (None, ""):
+        args += ["--guidance", str(float(guidance))]
+    return args
+
+
+def build(ctx: Context, tab) -> None:
+    folder = ctx.dirs.previews
+
+    def gallery_items() -> list[str]:
+        return [str(p) for p in sorted(folder.glob("*.png"), reverse=True)[:GALLERY_SIZE]]
+
+    with gr.Row():
+        model = gr.Textbox(label="Base model", value="demo", scale=4, elem_id="pv-model",
+                           info='.safetensors file, diffusers folder, or "demo".')
+        same = gr.Button("Use the Train tab's model", scale=1)
+    with gr.Row():
+        loras = gr.Textbox(label="LoRA files, one per line: FILE or FILE:WEIGHT", lines=3,
+                           scale=4, elem_id="pv-loras")
+        add = gr.Dropdown(label="Add a trained adapter", choices=[], scale=2, elem_id="pv-add")
+    lcm = gr.Textbox(label="LCM-LoRA (optional): FILE or FILE:WEIGHT", elem_id="pv-lcm",
+                     info="Samples with the LCM scheduler: 4 steps at guidance 1.0 by default.")
+    prompt = gr.Textbox(label="Prompt", value="a photo of a cat", elem_id="pv-prompt")
+    negative = gr.Textbox(label="Negative prompt")
+    with gr.Row():
+        seed = gr.Number(label="Seed", value=1234, precision=0)
+        steps = gr.Number(label="Steps", value=None, precision=0, elem_id="pv-steps",
+                          info="Empty: 20, or 4 with an LCM-LoRA.")
+        guidance = gr.Number(label="Guidance", value=None,
+                             info="Empty: 7.0, or 1.0 with an LCM-LoRA.")
+        size = gr.Textbox(label="Size (WxH)", value="512x512", elem_id="pv-size")
+    generate = gr.Button("Generate", variant="primary", elem_id="pv-generate")
+    status = gr.Markdown(elem_id="pv-status")
+    gallery = gr.Gallery(value=gallery_items, label="Previews, newest first", columns=4,
+                         height=360, elem_id="pv-gallery")
+
+    @reports_to(status)
+    def on_generate(*values):
+        out = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}.png"
+        args = sample_arguments(*values, out=out)
+        started = time.perf_counter()
+        result = run_cli(python_module("trainer", *args), "Sampling", timeout=3600)
+        if result.returncode != 0:
+            raise UserError(explain_failure(result.returncode, result.stderr, "Sampling"))
+        return {gallery: gallery_items(),
+                status: views.ok(f"{out.name} in {time.perf_counter() - started:.0f} s.")}
+
+    def with_added(current: str, path: str | None) -> str:
+        if not path:
+            return current
+        return (current.rstrip() + "\n" if current.strip() else "") + f"{path}:1.0"
+
+    def on_tab():
+        return gr.Dropdown(choices=[(exports.label(p), str(p)) for p in
+                                    exports.adapter_files(ctx.dirs, ctx.runner)], value=None)
+
+    generate.click(on_generate, [model, loras, lcm, prompt, negative, seed, steps, guidance,
+                                 size], [gallery, status], api_name="generate")
+    add.input(with_added, [loras, add], loras, api_visibility="private")
+    same.click(lambda m: m or "demo", ctx.form["model.path"], model, api_visibility="private")
+    tab.select(on_tab, None, add, api_name="list_preview_adapters")

@@ -1,0 +1,243 @@
+"""The Train tab: presets, the generated form, Start / Stop / Resume and the
+live view of the job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from gui import exports, presets, views
+from gui.datasets import check
+from gui.form import KEYS, SPECS, config_to_values, overrides_between, values_to_config
+from gui.handlers import Context, reports_to
+from gui.jobs import Status
+from gui.monitor import Monitor
+from trainer.config import (
+    DEMO,
+    SECTIONS,
+    TrainConfig,
+    config_to_toml,
+    load_config,
+    output_dir,
+    preset_paths,
+    require_paths,
+)
+from trainer.errors import UserError
+
+# The settings most runs touch, in rows; the Advanced accordion has the rest.
+MAIN_ROWS = (
+    ("model.path", "dataset.path"),
+    ("network.rank", "network.alpha", "network.conv_rank", "network.conv_alpha"),
+    ("train.steps", "train.epochs", "train.batch_size", "dataset.resolution"),
+    ("train.unet_lr", "train.text_encoder_lr", "output.name"),
+    ("sample.prompts", "sample.every_n_steps"),
+)
+MAIN = {key for row in MAIN_ROWS for key in row}
+ADVANCED_COLUMNS = 4
+# One choice for what the schema keeps in two fields (task and network.type).
+KINDS = [("LoRA", "lora"), ("LoCon (LoRA + convolutions)", "locon"), ("LoHa", "loha"),
+         ("LCM distillation (makes an LCM-LoRA)", "lcm_distill")]
+
+
+def loss_frame(metrics):
+    """The plot's data, typed even when empty: an untyped empty frame makes
+    the plot treat its axes as categories for good."""
+    import pandas as pd
+
+    return pd.DataFrame({"step": pd.Series([m.step for m in metrics], dtype="int64"),
+                         "loss": pd.Series([m.loss for m in metrics], dtype="float64")})
+
+
+def kind_of(task: str, network_type: str) -> str:
+    return "lcm_distill" if task == "lcm_distill" else network_type
+
+
+def fields_of_kind(kind: str) -> tuple[str, str]:
+    """(task, network.type) for an Adapter choice; LCM-LoRAs adapt the
+    convolutions too, as the sd15-lcm-distill preset does."""
+    return ("lcm_distill", "locon") if kind == "lcm_distill" else ("train", kind)
+
+
+def validated(values) -> TrainConfig:
+    config = values_to_config(values)
+    require_paths(config)
+    return config
+
+
+def start_job(ctx: Context, preset: str | None, values) -> str:
+    """Validate everything the page can check, then queue the run."""
+    config = validated(values)
+    folder = output_dir(config)
+    busy = [j for j in ctx.runner.jobs() if j.status.active and Path(j.output_dir) == folder]
+    if busy:
+        raise UserError(f"Job {busy[0].id} already writes to {folder}; wait for it or change "
+                        "output.name.")
+    if presets.holds_run(folder):
+        raise UserError(f"{folder} already holds an earlier run of {config.output.name}. Press "
+                        "Resume to continue it, or change output.name to start a new one "
+                        f"(e.g. {presets.free_output_name(config)}).")
+    if config.dataset.path != DEMO:
+        d = config.dataset
+        result = check(d.path, d.resolution, d.buckets, d.min_bucket, d.max_bucket,
+                       d.bucket_step, d.no_upscale, d.caption_extension)
+        if result.report is None:
+            raise UserError(result.message)
+        if not result.trainable:
+            from gui.datasets import list_images, tag_counts
+
+            tags = tag_counts(list_images(Path(d.path), d.caption_extension))
+            return (views.problem(f"The dataset {d.path} cannot be trained on yet; nothing "
+                                  "was started. The report:") + "\n\n"
+                    + views.check_report(result.report, tags))
+    base_path = Path(preset) if preset and Path(preset).is_file() else ctx.dirs.base_config
+    overrides = overrides_between(load_config(base_path), config)
+    job = ctx.runner.submit(str(base_path), overrides, str(folder), config.output.name,
+                            config.train.steps)
+    waiting = "queued behind the running job" if job.status is Status.QUEUED else "started"
+    return views.ok(f"Job {job.id} {waiting}.") + f"\n\n```text\n{job.command_line()}\n```"
+
+
+def build(ctx: Context, demo_button, welcome) -> None:
+    form, runner, monitor = ctx.form, ctx.runner, Monitor(ctx.runner)
+    inputs = [form[k] for k in KEYS]
+    with gr.Row():
+        preset = gr.Dropdown(label="Preset", choices=presets.choices(ctx.dirs), value=None,
+                             info="Fills the form; the paths you entered stay.",
+                             elem_id="train-preset")
+        kind = gr.Dropdown(label="Adapter", choices=KINDS, value="lora", elem_id="train-kind",
+                           info="Sets task and network.type (see Advanced).")
+    for row in MAIN_ROWS:
+        with gr.Row():
+            for key in row:
+                form[key].render()
+    with gr.Accordion("Advanced: every setting", open=False, elem_id="train-advanced"):
+        for section in ("", *SECTIONS):
+            keys = [s.key for s in SPECS if s.section == section and s.key not in MAIN]
+            if keys:
+                gr.Markdown(f"**[{section}]**" if section else "**top level**")
+                for start in range(0, len(keys), ADVANCED_COLUMNS):
+                    with gr.Row():
+                        for key in keys[start: start + ADVANCED_COLUMNS]:
+                            form[key].render()
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id="train-start")
+        stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        resume = gr.Button("Resume", elem_id="train-resume")
+    with gr.Row():
+        preset_name = gr.Textbox(label="Preset name", scale=3, elem_id="train-preset-name")
+        save = gr.Button("Save preset", scale=1, elem_id="train-save-preset")
+        show = gr.Button("Show config as TOML", scale=1, elem_id="train-show-config")
+    status = gr.Markdown(elem_id="train-status")
+    toml = gr.Code(label="config.toml", language=None, visible=False, elem_id="train-toml")
+    job_md = gr.Markdown(elem_id="train-job")
+    progress = gr.Markdown(elem_id="train-progress")
+    with gr.Row():
+        plot = gr.LinePlot(loss_frame([]), x="step", y="loss", label="Loss", height=260,
+                           scale=3, elem_id="train-loss")
+        previews = gr.Gallery(label="Newest previews", columns=2, height=260, scale=2,
+                              allow_preview=True, elem_id="train-previews")
+    log = gr.Textbox(label="Log (end)", lines=8, max_lines=8, interactive=False,
+                     autoscroll=True, elem_id="train-log")
+    jobs_md = gr.Markdown(elem_id="train-jobs")
+    seen = gr.State(None)
+    timer = gr.Timer(1.0)
+
+    def fill(config: TrainConfig, message: str) -> dict:
+        values = dict(zip(inputs, config_to_values(config), strict=True))
+        return {**values, kind: kind_of(config.task, config.network.type),
+                status: views.ok(message)}
+
+    @reports_to(status)
+    def load_preset(path: str | None, model_path: str, dataset_path: str):
+        config = presets.load(path, ctx.dirs)
+        # Presets leave the paths empty for the user: keep what is entered.
+        config.model.path = config.model.path or model_path
+        config.dataset.path = config.dataset.path or dataset_path
+        return fill(config, f"Loaded the preset {Path(path).stem}.")
+
+    @reports_to(status)
+    def load_demo():
+        config = presets.load(str(preset_paths()[presets.DEMO_PRESET]), ctx.dirs)
+        config.output.name = presets.free_output_name(config)
+        return {**fill(config, "The demo settings are in the form: the built-in tiny model "
+                               "and images, on the CPU in about two minutes. Press Start."),
+                preset: str(preset_paths()[presets.DEMO_PRESET]),
+                ctx.tabs: gr.Tabs(selected="train"), welcome: gr.Column(visible=False)}
+
+    @reports_to(status)
+    def on_start(path: str | None, *values):
+        return {status: start_job(ctx, path, values)}
+
+    @reports_to(status)
+    def on_stop():
+        job = runner.current() or next((j for j in runner.jobs() if j.status is Status.QUEUED),
+                                       None)
+        if job is None:
+            raise UserError("Nothing is running.")
+        runner.stop(job.id)
+        return {status: views.ok(f"Stopping job {job.id}: the state is saved at the end of the "
+                                 "current step.")}
+
+    @reports_to(status)
+    def on_resume(*values):
+        if runner.current() is not None:
+            raise UserError("A job is running; stop it before resuming another.")
+        last = runner.latest()
+        if last is not None and last.status in (Status.STOPPED, Status.FAILED,
+                                                Status.INTERRUPTED):
+            job = runner.resume(last.id)
+        else:  # nothing to resume in this app's history: resume the form's run
+            config = validated(values)
+            saved = presets.saved_step(output_dir(config))
+            if saved is None:
+                raise UserError(f"{output_dir(config)} holds no saved training state to resume; "
+                                "press Start instead.")
+            if saved >= config.train.steps > 0:
+                raise UserError(f"{config.output.name} already finished its {saved} steps; raise "
+                                "train.steps to train it further, then press Resume.")
+            base = ctx.dirs.base_config
+            job = runner.submit(str(base), overrides_between(load_config(base), config),
+                                str(output_dir(config)), config.output.name, config.train.steps,
+                                resume=True)  # fmt: skip
+        return {status: views.ok(f"Job {job.id} resumes {job.name}.")
+                + f"\n\n```text\n{job.command_line()}\n```"}
+
+    @reports_to(status)
+    def on_save(name: str, *values):
+        path = presets.save(values_to_config(values), name, ctx.dirs)
+        return {status: views.ok(f"Saved the preset {path}."),
+                preset: gr.Dropdown(choices=presets.choices(ctx.dirs), value=str(path))}
+
+    @reports_to(status)
+    def on_show(*values):
+        return {toml: gr.Code(value=config_to_toml(values_to_config(values)), visible=True),
+                status: ""}
+
+    def refresh(last_seen):
+        signature = monitor.signature()
+        if signature == last_seen:
+            return [gr.skip()] * len(live)
+        view = monitor.view()
+        return [signature, view["status"], view["progress"], loss_frame(view["metrics"]),
+                [str(exports.servable(Path(p), ctx.dirs)) for p in view["samples"]], view["log"],
+                view["jobs"]]
+
+    form_out = [*inputs, kind, status]
+    preset.input(load_preset, [preset, form["model.path"], form["dataset.path"]], form_out,
+                 api_name="load_preset")
+    demo_button.click(load_demo, None, [*form_out, preset, ctx.tabs, welcome],
+                      api_name="load_demo")
+    kind.input(fields_of_kind, kind, [form["task"], form["network.type"]],
+               api_visibility="private")
+    gr.on([form["task"].change, form["network.type"].change], kind_of,
+          [form["task"], form["network.type"]], kind, api_visibility="private")
+    form["model.path"].change(lambda p: gr.Column(visible=not p.strip()), form["model.path"],
+                              welcome, api_visibility="private")
+    start.click(on_start, [preset, *inputs], status, api_name="start")
+    stop.click(on_stop, None, status, api_name="stop")
+    resume.click(on_resume, inputs, status, api_name="resume")
+    save.click(on_save, [preset_name, *inputs], [status, preset], api_name="save_preset")
+    show.click(on_show, inputs, [toml, status], api_name="show_config")
+    live = [seen, job_md, progress, plot, previews, log, jobs_md]
+    timer.tick(refresh, seen, live, show_progress="hidden", api_name="refresh")

@@ -1,0 +1,155 @@
+"""The GUI's job runner (gui/jobs.py) against a fake trainer with the real
+CLI's arguments, files and messages: progress, queue, stop, resume, and
+every way a run can end, explained in words."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gui.cli_runs import error_message, explain_failure
+from gui.jobs import Job, JobRunner, Status
+from gui.monitor import Monitor
+from gui.run_files import MetricsReader, log_lines, tqdm_total
+
+FAKE = [sys.executable, str(Path(__file__).with_name("gui_fake_trainer.py"))]
+
+
+def make_runner(tmp_path: Path, mode: str = "ok", step_seconds: float = 0.02) -> JobRunner:
+    env = {"FAKE_TRAINER_MODE": mode, "FAKE_STEP_SECONDS": str(step_seconds)}
+    return JobRunner(tmp_path / "jobs", trainer=FAKE, env=env)
+
+
+def submit(runner: JobRunner, tmp_path: Path, name: str = "run", steps: int = 5,
+           every: int = 2) -> Job:
+    base = tmp_path / "base.toml"
+    base.write_text('[model]\npath = "demo"\n[dataset]\npath = "demo"\n')
+    out = tmp_path / "outputs" / name
+    overrides = [f"train.steps={steps}", f"output.name={name}", f"output.dir={out}",
+                 f"sample.every_n_steps={every}", 'sample.prompts=["a cat"]']
+    return runner.submit(str(base), overrides, str(out), name, steps)
+
+
+def wait_for(condition, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def test_a_run_reports_progress_and_finishes(tmp_path):
+    runner = make_runner(tmp_path)
+    job = runner.wait(submit(runner, tmp_path).id, 60)
+    assert job.status is Status.DONE, job.message
+    assert job.message == "Finished: 5 steps. The adapter is in the Export tab."
+    assert Path(job.final_file).is_file()
+    view = Monitor(runner).view()
+    assert [m.step for m in view["metrics"]] == [1, 2, 3, 4, 5]
+    assert "Step 5 / 5" in view["progress"] and "Finished" in view["status"]
+    assert [Path(p).name for p in view["samples"]] == ["step000004-0.png", "step000002-0.png"]
+    assert view["log"].splitlines()[-1].startswith("done: 5 steps")
+    # The job's record, for an app started later.
+    saved = json.loads((Path(job.folder) / "job.json").read_text())
+    assert saved["status"] == "done" and saved["overrides"] == job.overrides
+
+
+def test_stop_saves_and_resume_continues_with_the_same_config(tmp_path):
+    runner = make_runner(tmp_path, step_seconds=0.15)
+    first = submit(runner, tmp_path, steps=40)
+    reader = MetricsReader(Path(first.output_dir) / "metrics.jsonl")
+    wait_for(lambda: len(reader.read()) >= 2)
+    assert runner.stop(first.id).status is Status.STOPPING
+    first = runner.wait(first.id, 30)
+    assert first.status is Status.STOPPED, first.message
+    stopped_at = len(reader.read())
+    assert f"Stopped after step {stopped_at}" in first.message and stopped_at < 40
+    second = runner.resume(first.id)
+    assert second.arguments() == [*first.arguments(), "--resume"]
+    assert runner.wait(second.id, 60).status is Status.DONE
+    # metrics.jsonl was rewritten on resume (new inode): read anew, no gap, no repeat.
+    assert [m.step for m in reader.read()] == list(range(1, 41))
+
+
+def test_one_job_at_a_time_later_ones_queued(tmp_path):
+    runner = make_runner(tmp_path, step_seconds=0.05)
+    first, second = submit(runner, tmp_path, "a", steps=6), submit(runner, tmp_path, "b", steps=2)
+    assert runner.get(first.id).status is Status.RUNNING
+    assert runner.get(second.id).status is Status.QUEUED
+    assert runner.current().id == first.id
+    done_a, done_b = runner.wait(first.id, 60), runner.wait(second.id, 60)
+    assert done_a.status is done_b.status is Status.DONE
+    assert done_a.finished_at <= done_b.started_at
+
+
+def test_stop_takes_a_queued_job_off_the_queue(tmp_path):
+    runner = make_runner(tmp_path, step_seconds=0.05)
+    first, second = submit(runner, tmp_path, "a", steps=6), submit(runner, tmp_path, "b")
+    assert runner.stop(second.id).status is Status.CANCELLED
+    assert runner.wait(first.id, 60).status is Status.DONE
+    assert runner.get(second.id).started_at is None
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("error", "dataset.path = demo has no usable image;\nfix the dataset and start again."),
+    ("crash", "The trainer was killed (SIGKILL) without a word: most often the system ran out "
+              "of memory"),
+    ("oom", "The trainer ran out of memory (RuntimeError: CUDA out of memory. Tried to allocate "
+            "2.00 GiB). Lower train.batch_size"),
+])  # fmt: skip
+def test_failures_are_explained_in_words(tmp_path, mode, expected):
+    runner = make_runner(tmp_path, mode=mode)
+    job = runner.wait(submit(runner, tmp_path).id, 60)
+    assert job.status is Status.FAILED
+    assert job.message.startswith(expected), job.message
+    assert "Traceback" not in job.message and "exit code" not in job.message
+    assert "**Problem:**" in Monitor(runner).view()["status"]
+
+
+def test_a_restarted_app_lists_earlier_jobs_and_marks_active_ones_interrupted(tmp_path):
+    runner = make_runner(tmp_path)
+    done = runner.wait(submit(runner, tmp_path).id, 60)
+    record = Path(done.folder) / "job.json"
+    record.write_text(record.read_text().replace('"done"', '"running"'))
+    again = make_runner(tmp_path)
+    (job,) = again.jobs()
+    assert job.status is Status.INTERRUPTED and "Press Resume" in job.message
+    assert again.resume(job.id).resume is True
+
+
+# --- explaining how a child ended (gui/cli_runs.py), as a table --------------
+BAR = "\rtraining:  10%|#         | 3/30 [00:04<00:39,  1.45s/it, loss=1.1, lr=1.0e-03]"
+
+
+@pytest.mark.parametrize(("returncode", "output", "expected"), [
+    (2, "noise\nerror: model.path = /x does not exist.\n", "model.path = /x does not exist."),
+    (2, BAR + "error: The loss became nan at step 4\n", "The loss became nan at step 4"),
+    (2, "error: Dataset /d\nerror    a.png: truncated\nNot trainable\n",
+     "Dataset /d\nerror    a.png: truncated\nNot trainable"),
+    (-signal.SIGKILL, BAR, "The trainer was killed (SIGKILL) without a word"),
+    (137, "", "The trainer was killed (SIGKILL) without a word"),
+    (-signal.SIGHUP, BAR, "The trainer was ended by signal SIGHUP from outside this app."),
+    (1, "Traceback (most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of "
+        "memory.\n", "The trainer ran out of memory (torch.OutOfMemoryError: CUDA out of memory.)"),
+    (1, "Traceback (most recent call last):\n  File x\nKeyError: 'conv_in'\n",
+     "The trainer crashed with KeyError: 'conv_in'. This is a bug"),
+    (3, "", "The trainer ended with exit status 3 without saying why"),
+])  # fmt: skip
+def test_explain_failure(returncode, output, expected):
+    assert explain_failure(returncode, output, "The trainer").startswith(expected)
+
+
+def test_error_message_ignores_words_inside_lines():
+    assert error_message("the error: is here\n") is None
+
+
+def test_log_view_shows_the_last_redraw_of_each_line():
+    text = "Caching latents: 100%\n" + BAR + BAR.replace("3/30", "4/30") + "\nnext\n"
+    assert log_lines(text) == ["Caching latents: 100%", BAR[1:].replace("3/30", "4/30"), "next"]
+    assert tqdm_total(text) == 30
