@@ -37,14 +37,28 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._request)
+        self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def _request(self, signum, frame):
         self.requested = True
 
+    def restore(self):
+        """Give the signals back: after a run, Ctrl-C must interrupt again."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
 
 def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunResult:
+    stop = StopFlag()
+    try:
+        return _run(config, resume, stop_at_step, stop)
+    finally:
+        stop.restore()
+
+
+def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -80,6 +94,8 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
     data = setup.build_training_data(
         config, report.items, sd, global_batch, is_main, accelerator.wait_for_everyone
     )
+    if not train_text_encoder and not data.captions.is_random:
+        step_context.text_cache = frozen_text_cache(config, sd)
     steps_per_epoch = math.ceil(len(data) / config.train.grad_accum)
     total_steps = config.train.steps or config.train.epochs * steps_per_epoch
 
@@ -113,7 +129,6 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
     # 5. Train.
     from datasets_tools.sampler import Position
 
-    stop = StopFlag()
     network.train()
     sd.unet.train()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not is_main, desc="training")
@@ -207,6 +222,7 @@ class StepContext:
 
     device: torch.device
     mixed_precision: str
+    text_cache: object = None  # TextEmbeddingCache while the text encoder is frozen
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mixed_precision == "fp16")
@@ -238,8 +254,7 @@ def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, 
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = diffusion.compute_target(scheduler, latents, noise, timesteps)
     with ctx.autocast():
-        with torch.set_grad_enabled(train_text_encoder):
-            text = encode_captions(sd.text_encoder, sd.tokenizer, captions, config.model.clip_skip)
+        text = caption_embeddings(config, sd, captions, train_text_encoder, ctx)
         prediction = sd.unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
     per_sample = diffusion.per_sample_mse(prediction, target)
     return (per_sample * weights[mine].to(device)).sum()
@@ -252,9 +267,8 @@ def lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx):
     captions = tb.captions[mine]
     if not captions:
         return torch.zeros((), device=ctx.device, requires_grad=True)
-    with torch.no_grad():
-        text = encode_captions(sd.text_encoder, sd.tokenizer, captions, config.model.clip_skip)
-        uncond = encode_captions(sd.text_encoder, sd.tokenizer, [""], config.model.clip_skip)
+    text = caption_embeddings(config, sd, captions, False, ctx)
+    uncond = caption_embeddings(config, sd, [""], False, ctx)
     latents = latents_of(sd, tb)[mine].to(ctx.device)
     loss = lcm.distillation_loss(
         sd.unet, network, latents, text.to(sd.unet.dtype), uncond.to(sd.unet.dtype),
@@ -263,6 +277,30 @@ def lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx):
         num_ddim=config.lcm.num_ddim_timesteps,
     )  # fmt: skip
     return loss * len(captions)  # the mean over the slice -> its sum
+
+
+def frozen_text_cache(config, sd):
+    """Each caption encoded once, when the text encoder is not trained and the
+    captions do not change between epochs (no shuffling or dropout)."""
+    from datasets_tools.text_cache import TextEmbeddingCache
+
+    @torch.no_grad()
+    def encode(captions: list[str]) -> torch.Tensor:
+        # One caption at a time: the result must not depend on which captions
+        # happened to be encoded together (a resumed run groups them differently).
+        return torch.cat([
+            encode_captions(sd.text_encoder, sd.tokenizer, [c], config.model.clip_skip)
+            for c in captions
+        ])  # fmt: skip
+
+    return TextEmbeddingCache(encode, encoder_id="this run")
+
+
+def caption_embeddings(config, sd, captions, train_text_encoder: bool, ctx) -> torch.Tensor:
+    if ctx.text_cache is not None:
+        return ctx.text_cache.get_many(captions).to(ctx.device)
+    with torch.set_grad_enabled(train_text_encoder):
+        return encode_captions(sd.text_encoder, sd.tokenizer, captions, config.model.clip_skip)
 
 
 @torch.no_grad()
