@@ -63,7 +63,7 @@ def server(tmp_path):
 def browser():
     if not CHROMIUM.exists():
         pytest.fail("Chromium is not installed: run `apt-get install -y chromium` (Debian's "
-                    "package; never `playwright install`).")
+                    "package; Playwright's own browser download does not work here).")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
