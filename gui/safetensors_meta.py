@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
+from trainer.atomic import atomic_writer
 from trainer.errors import UserError
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
@@ -59,19 +59,10 @@ def update_metadata(path: str | os.PathLike, changes: dict[str, str]) -> None:
     header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     encoded += b" " * (-len(encoded) % ALIGN)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
-            out.write(struct.pack("<Q", len(encoded)) + encoded)
-            source.seek(data_start)
-            shutil.copyfileobj(source, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as out, open(path, "rb") as source:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        source.seek(data_start)
+        shutil.copyfileobj(source, out, 1 << 20)
 
 
 def copy_to_folder(path: str | os.PathLike, folder: str, overwrite: bool) -> Path:
@@ -86,13 +77,6 @@ def copy_to_folder(path: str | os.PathLike, folder: str, overwrite: bool) -> Pat
         raise UserError(f"{target} is the file itself; choose another folder.")
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; tick 'Overwrite' to replace it.")
-    fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=f".{source.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as data:
-            shutil.copyfileobj(data, out, 1 << 20)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(target) as out, open(source, "rb") as data:
+        shutil.copyfileobj(data, out, 1 << 20)
     return target

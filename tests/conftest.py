@@ -35,3 +35,15 @@ def demo_sd(demo_model_dir):
     from trainer.model_loading import load_sd_model
 
     return load_sd_model(demo_model_dir / "diffusers")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two OpenMP threads on a 2-core machine shared with other jobs can spin
+    against each other and slow a step down 100x; CPU-heavy modules use one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

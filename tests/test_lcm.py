@@ -21,14 +21,7 @@ def scheduler():
     return DDPMScheduler.from_config(load_sd15_config("scheduler"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a 2-core machine shared with other jobs, two OpenMP threads that
-    # spin-wait for each other can make a step 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_ddim_timesteps_are_19_to_999_every_20():

@@ -1,20 +1,25 @@
 """Write-then-rename, the one way this project writes a file a user keeps.
 
 A crash, a full disk or a concurrent reader then sees the old file or the new
-one, never half of one.
+one, never half of one. Imports nothing heavy: the GUI uses it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import UserError
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write `payload` to a temp file beside `path`, fsync, then rename over it."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `path`'s new content into; on success it is
+    fsynced and renamed over `path`, on any failure it is removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +30,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         ) from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; outputs are not secret and may be shared.
@@ -40,6 +45,11 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(payload)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
