@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from trainer.atomic import atomic_write_bytes
 
 _HEADER_LEN = struct.Struct("<Q")
 
@@ -59,16 +60,7 @@ class TensorStore:
             return
         metadata = dict(meta, key=key, kind=self.kind, digest=_digest(tensors))
         payload = save_tensors(tensors, metadata=metadata)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path_for(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)  # never leave a partial file behind
-            raise
+        atomic_write_bytes(self.path_for(key), payload)
 
     def _decode(self, data: bytes, key: str) -> dict[str, torch.Tensor] | None:
         try:
