@@ -83,7 +83,7 @@ def loha_memory(rank: int = 8) -> dict[str, float]:
     module = LoHaModule("lora_unet_bench", base, rank=rank, alpha=rank)
     nn.init.normal_(module.hada_w2_a, std=0.1)
     module.attach()
-    # Inside a U-Net the input needs a gradient too, so the delta weight is kept.
+    # Inside a U-Net the input needs a gradient too; count what that keeps as well.
     x = torch.randn(1, 64, 1280, requires_grad=True)
     resident = [x, base.weight, *module.parameters()]
     ours = saved_bytes(lambda: base(x).square().mean(), resident)

@@ -1,8 +1,14 @@
 """LoHa: delta W = (w1_a @ w1_b) * (w2_a @ w2_b), a Hadamard product of two
 low-rank matrices (FedPara, Hyeon-Woo et al. 2022, arXiv:2108.06098; LyCORIS).
 
-The two full-size products exist only transiently: `HadamardDelta` saves the
-small factors and recomputes the products in backward, as LyCORIS does.
+In training the full-size products are not built at all while that is cheaper:
+a Hadamard product of two rank-r matrices is a rank-r^2 product of their
+row-wise Kronecker ("face-splitting") factors,
+    (A1 B1) * (A2 B2) = (A1 . A2) (B1 . B2),
+so the delta path runs like a rank-r^2 LoRA. At high rank, where that path would
+cost more than the layer itself, the delta weight is built instead; then
+`HadamardDelta` saves only the small factors and recomputes the products in
+backward, as LyCORIS does.
 Init follows FORMATS.md section 3: w2_a = 0, w1_a ~ N(0, 0.1), w1_b, w2_b ~ N(0, 1),
 so the delta starts at exactly 0.
 """
@@ -32,6 +38,11 @@ class HadamardDelta(torch.autograd.Function):
         del grad_1
         grad_2 = grad * (w1_a @ w1_b)
         return grad_w1_a, grad_w1_b, grad_2 @ w2_b.T, w2_a.T @ grad_2
+
+
+def face_split(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise Kronecker product: (n, r), (n, s) -> (n, r*s)."""
+    return (a[:, :, None] * b[:, None, :]).flatten(1)
 
 
 def rebuild_tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
@@ -93,18 +104,60 @@ class LoHaModule(AdapterModule):
     def delta_weight(self) -> torch.Tensor:
         return loha_delta_weight(dict(self.named_parameters()), self.base.weight.shape)
 
+    @property
+    def factorised_path_is_cheaper(self) -> bool:
+        """Per-token multiply-adds of the rank-r^2 path against one full-size op."""
+        out_dim, in_dim, *kernel = self.base.weight.shape
+        if getattr(self.base, "groups", 1) != 1:
+            return False
+        taps = kernel[0] * kernel[1] if kernel else 1
+        r2 = self.rank**2
+        if self.tucker:
+            return r2 * (in_dim + out_dim) + r2 * r2 * taps <= in_dim * out_dim * taps
+        return r2 * (in_dim * taps + out_dim) <= in_dim * taps * out_dim
+
+    def _row_dropout_scale(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """LoHa has no rank-wide hidden activation; like LyCORIS, drop output rows."""
+        if not (self.training and self.dropout.rank):
+            return None
+        keep = torch.rand(rows, device=device) > self.dropout.rank
+        return keep.to(self.hada_w1_a.dtype) / (1 - self.dropout.rank)
+
     def delta_forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        delta = self.delta_weight() * scale
-        if self.training and self.dropout.rank:
-            # LoHa has no rank-wide hidden activation; like LyCORIS, drop output rows.
-            keep = torch.rand(delta.shape[0], device=delta.device) > self.dropout.rank
-            delta = delta * (keep.to(delta.dtype) / (1 - self.dropout.rank)).view(
-                -1, *[1] * (delta.dim() - 1)
-            )
-        out = apply_weight(self.base, x, delta)
+        if self.factorised_path_is_cheaper:
+            out = self._factorised_delta_forward(x, scale)
+        else:
+            delta = self.delta_weight() * scale
+            rows = self._row_dropout_scale(delta.shape[0], delta.device)
+            if rows is not None:
+                delta = delta * rows.view(-1, *[1] * (delta.dim() - 1))
+            out = apply_weight(self.base, x, delta)
         if self.training and self.dropout.neuron:
             out = F.dropout(out, self.dropout.neuron)
         return out
+
+    def _factorised_delta_forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        base = self.base
+        if self.tucker:
+            # (r^2, out) and (r^2, in) Kronecker factors around an (r^2, r^2, k, k) core.
+            up = face_split(self.hada_w1_a.T, self.hada_w2_a.T)
+            down = face_split(self.hada_w1_b.T, self.hada_w2_b.T).T
+            t1, t2 = self.hada_t1, self.hada_t2
+            core = (t1[:, None, :, None] * t2[None, :, None, :]).flatten(0, 1).flatten(1, 2)
+        else:
+            up = face_split(self.hada_w1_a, self.hada_w2_a)
+            down = face_split(self.hada_w1_b.T, self.hada_w2_b.T).T
+            core = None
+        rows = self._row_dropout_scale(up.shape[0], up.device)
+        up = up * scale if rows is None else up * (rows * scale)[:, None]
+        if isinstance(base, nn.Linear):
+            return F.linear(F.linear(x, down), up)
+        conv = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+        if core is None:
+            hidden = F.conv2d(x, down.reshape(-1, *base.weight.shape[1:]), **conv)
+        else:
+            hidden = F.conv2d(F.conv2d(x, down[..., None, None]), core, **conv)
+        return F.conv2d(hidden, up[..., None, None])
 
     # --- file format ----------------------------------------------------
     @staticmethod

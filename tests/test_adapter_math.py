@@ -77,3 +77,62 @@ def test_file_layout_functions_agree_with_modules():
         tensors["hada_w2_a"] @ tensors["hada_w2_b"]
     )
     torch.testing.assert_close(delta, naive)
+
+
+LOHA_LAYERS = {
+    "linear": lambda: nn.Linear(40, 48),
+    "conv": lambda: nn.Conv2d(24, 32, 3, stride=2, padding=1),
+    "conv-tucker": lambda: nn.Conv2d(24, 32, 3, padding=1),
+}
+
+
+@pytest.mark.parametrize("layer", list(LOHA_LAYERS))
+def test_loha_factorised_path_equals_the_built_delta_weight_in_value_and_gradient(layer):
+    """The rank-r^2 path (no full-size product) and the built delta weight are two
+    routes to one number; gradients of every factor must agree too."""
+    torch.manual_seed(0)
+    base = LOHA_LAYERS[layer]()
+    module = LoHaModule("lora_unet_x", base, rank=3, alpha=2, tucker=layer == "conv-tucker")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    assert module.factorised_path_is_cheaper
+    x = torch.randn(2, 40) if layer == "linear" else torch.randn(2, 24, 9, 9)
+    factorised = module.delta_forward(x, scale=0.7)
+    grads = torch.autograd.grad(factorised.square().sum(), list(module.parameters()))
+    built = (
+        nn.functional.linear(x, module.delta_weight() * 0.7)
+        if layer == "linear"
+        else (nn.functional.conv2d(x, module.delta_weight() * 0.7, None, base.stride, base.padding))
+    )
+    reference = torch.autograd.grad(built.square().sum(), list(module.parameters()))
+    torch.testing.assert_close(factorised, built, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_loha_builds_the_delta_weight_when_the_rank_is_too_high_to_factorise():
+    base = nn.Linear(40, 48)
+    assert not LoHaModule("lora_unet_x", base, rank=16, alpha=1).factorised_path_is_cheaper
+    assert LoHaModule("lora_unet_x", base, rank=4, alpha=1).factorised_path_is_cheaper
+
+
+def test_loha_training_step_keeps_no_full_size_tensor_for_backward():
+    base = nn.Linear(256, 256).requires_grad_(False)
+    module = LoHaModule("lora_unet_x", base, rank=4, alpha=4)
+    nn.init.normal_(module.hada_w2_a)
+    module.attach()
+    x = torch.randn(1, 8, 256, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        if t.data_ptr() != base.weight.data_ptr():  # the frozen op keeps W itself anyway
+            kept.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = base(x).square().mean()
+    loss.backward()
+    module.detach()
+    assert kept and max(kept) < base.weight.numel() / 4
+    assert module.hada_w1_a.grad is not None and module.hada_w1_a.grad.abs().sum() > 0
