@@ -128,19 +128,27 @@ def lcm_sample_diffusers(unet, scheduler_config, noise, cond, steps: int, seed: 
 
 
 @torch.no_grad()
-def lcm_sample_ours(unet, alphas_cumprod, noise, cond, timesteps, seed: int):
+def lcm_sample_ours(
+    unet, alphas_cumprod, noise, cond, timesteps, seed: int, deterministic: bool = False
+):
     """The same multistep consistency sampling written with `trainer.lcm`:
     f(x, t) = c_skip x + c_out x0, then re-noise to the next timestep with a
-    fresh draw (drawn in the order `LCMScheduler` draws it)."""
+    fresh draw (drawn in the order `LCMScheduler` draws it).
+
+    `deterministic` re-noises with the model's own noise prediction instead
+    (a DDIM step from the consistency output; TCD's gamma = 0, Zheng et al.
+    2024, arXiv:2402.19159), so the sample stays on its starting noise's ODE
+    path, the path the 50-step reference follows."""
     generator = torch.Generator().manual_seed(seed)
     x, n = noise.clone(), len(noise)
     for i, t in enumerate(timesteps):
         t_batch = torch.full((n,), t, dtype=torch.long)
-        x0 = predicted_x0(unet(x, t_batch, cond).sample, t_batch, x, "epsilon", alphas_cumprod)
+        eps = unet(x, t_batch, cond).sample
+        x0 = predicted_x0(eps, t_batch, x, "epsilon", alphas_cumprod)
         denoised = consistency_output(x, x0, t_batch)
         if i + 1 < len(timesteps):
-            fresh = torch.randn(x.shape, generator=generator)
-            x = ddim_step(denoised, fresh, torch.full((n,), timesteps[i + 1]), alphas_cumprod)
+            renoise = eps if deterministic else torch.randn(x.shape, generator=generator)
+            x = ddim_step(denoised, renoise, torch.full((n,), timesteps[i + 1]), alphas_cumprod)
     return denoised
 
 
