@@ -191,9 +191,11 @@ def evaluate(unet, network, scheduler, args) -> tuple[dict, list[torch.Tensor]]:
         "teacher50_latent_var": teacher50.var().item(),
         "eval_seconds": time.perf_counter() - start,
     }
-    teacher4 = results["mse_teacher4_vs_teacher50"]
-    results["ratio"] = results["mse_student4_vs_teacher50"] / teacher4
-    results["ratio_deterministic"] = results["mse_student4_deterministic_vs_teacher50"] / teacher4
+    teacher4_mse = results["mse_teacher4_vs_teacher50"]
+    results["ratio"] = results["mse_student4_vs_teacher50"] / teacher4_mse
+    results["ratio_deterministic"] = (
+        results["mse_student4_deterministic_vs_teacher50"] / teacher4_mse
+    )
     results["goal_met"] = results["ratio"] <= 0.5
     results["goal_met_deterministic"] = results["ratio_deterministic"] <= 0.5
     return results, [teacher50, teacher4, student4, student4_det]
@@ -218,6 +220,7 @@ def main(argv=None) -> dict:
     network, distill_info = distill(unet, scheduler, args)
     print(f"distill: {distill_info}", flush=True)
     results, rows = evaluate(unet, network, scheduler, args)
+    print(json.dumps(results), flush=True)
     grid = args.out / "lcm_evidence.png"
     save_grid([row[:GRID_COLUMNS] for row in rows], grid)
     setup = {k: getattr(args, k) for k in (*FULL, "w_min", "w_max", "rank", "threads")}

@@ -8,10 +8,12 @@ LCM-LoRA (LoCon rank 64 on the U-Net, the published layout) is merged with
 `merge_adapters`, timed on its own: a one-off cost, nothing per step.
 
 The weights are random, so the images are noise; only the time matters.
-Forward hooks also time the U-Net and the VAE decoder, so the report shows
-where a preview's time goes.
+Forward hooks also time the U-Net and the decoder, so the report shows
+where a preview's time goes. `--decoder taesd` decodes both previews with
+the TAESD architecture (`sample.preview_decoder`, random weights here)
+instead of the SD VAE.
 
-    python -m bench.lcm_preview_speed [--size 512] [--threads N]
+    python -m bench.lcm_preview_speed [--size 512] [--threads N] [--decoder taesd]
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def random_sd15() -> SDModel:
     )
 
 
+def random_taesd(folder: Path) -> Path:
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny().save_pretrained(folder)
+    return folder
+
+
 def settings(size: int, **preview) -> SampleSettings:
     return SampleSettings(
         prompts=("a photo of a cat, best quality",),
@@ -108,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--decoder", choices=("vae", "taesd"), default="vae")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,20 +129,28 @@ def main() -> None:
     started = time.perf_counter()
     sd = random_sd15()
     print(f"built random SD1.5 model in {time.perf_counter() - started:.1f} s")
-    unet_time, decoder_time = Stopwatch(sd.unet), Stopwatch(sd.vae.decoder)
+    decoder = ""
+    if args.decoder == "taesd":
+        from trainer.preview_decoder import load_preview_decoder
+
+        decoder = str(random_taesd(Path(tempfile.mkdtemp()) / "taesd"))
+        decoder_module = load_preview_decoder(decoder).decoder
+    else:
+        decoder_module = sd.vae.decoder
+    unet_time, decoder_time = Stopwatch(sd.unet), Stopwatch(decoder_module)
     # Warm-up at a tiny size: allocator and kernel selection, not counted.
     for preview in (CFG_PREVIEW, LCM_PREVIEW):
-        generate(sd, settings(64, **{**preview, "steps": 1}))
+        generate(sd, settings(64, decoder=decoder, **{**preview, "steps": 1}))
 
     def timed(label: str, preview: dict) -> tuple[float, float]:
         unet_time.reset()
         decoder_time.reset()
         started = time.perf_counter()
-        generate(sd, settings(args.size, **preview))
+        generate(sd, settings(args.size, decoder=decoder, **preview))
         wall = time.perf_counter() - started
         print(
             f"{label}: {wall:.1f} s wall, U-Net {unet_time.seconds:.1f} s in "
-            f"{unet_time.calls} calls, VAE decoder {decoder_time.seconds:.1f} s"
+            f"{unet_time.calls} calls, {args.decoder} decoder {decoder_time.seconds:.1f} s"
         )
         return wall, unet_time.seconds
 

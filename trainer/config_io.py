@@ -133,6 +133,11 @@ def require_paths(config: TrainConfig) -> None:
         if value and not Path(value).is_file():
             problems.append(f"{key} = {_show(value)} is not a file; fix the path or set "
                             f'{key} = "" to turn it off.')
+    decoder = config.sample.preview_decoder
+    if decoder and not Path(decoder).expanduser().is_dir():
+        problems.append(f"sample.preview_decoder = {_show(decoder)} is not a folder; give a TAESD "
+                        'folder (diffusers AutoencoderTiny) or set sample.preview_decoder = "" '
+                        "to decode previews with the model's VAE.")  # fmt: skip
     if problems:
         raise _user_error(problems)
 

@@ -194,18 +194,19 @@ def _load_folder(path: Path, *, allow_pickle: bool, dtype: torch.dtype) -> SDMod
     )
 
 
-def build_pipeline(sd_model: SDModel, scheduler=None):
+def build_pipeline(sd_model: SDModel, scheduler=None, vae=None):
     """A `StableDiffusionPipeline` sharing the loaded modules (no copies).
 
     The safety checker is left out. `scheduler` defaults to DDIM from the
-    model's scheduler config (works in few steps and with v-prediction).
+    model's scheduler config (works in few steps and with v-prediction);
+    `vae` to the model's own (a preview may decode with TAESD instead).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     if scheduler is None:
         scheduler = DDIMScheduler.from_config(sd_model.scheduler_config)
     return StableDiffusionPipeline(
-        vae=sd_model.vae,
+        vae=sd_model.vae if vae is None else vae,
         text_encoder=sd_model.text_encoder,
         tokenizer=sd_model.tokenizer,
         unet=sd_model.unet,

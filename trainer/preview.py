@@ -22,6 +22,7 @@ def preview_settings(config) -> SampleSettings:
         width=s.width or config.dataset.resolution,
         height=s.height or config.dataset.resolution,
         clip_skip=config.model.clip_skip,
+        decoder=s.preview_decoder,
     )
     if config.task == "lcm_distill" or s.lcm_lora:
         return replace(settings, sampler="lcm", steps=LCM_STEPS, guidance=LCM_GUIDANCE)

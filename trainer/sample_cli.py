@@ -55,6 +55,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--clip-skip", type=int, default=1, metavar="N", help="default 1")
     parser.add_argument("--out", required=True, metavar="PNG", help="the image to write")
+    parser.add_argument(
+        "--preview-decoder", default="", metavar="DIR",
+        help="decode with TAESD (a diffusers AutoencoderTiny folder): faster, a little softer",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,10 @@ def build_request(args: argparse.Namespace) -> SampleRequest:
         )
     width, height = parse_size(args.size)
     out = check_output(args.out)
+    if args.preview_decoder:
+        from trainer.preview_decoder import check_decoder_folder
+
+        check_decoder_folder(args.preview_decoder, "--preview-decoder")
     from trainer.sampling import SampleSettings  # imports torch: after the cheap checks
 
     settings = SampleSettings(
@@ -166,6 +174,7 @@ def build_request(args: argparse.Namespace) -> SampleRequest:
         width=width,
         height=height,
         clip_skip=args.clip_skip,
+        decoder=args.preview_decoder,
     )
     return SampleRequest(args.model, tuple(adapters), settings, out)
 

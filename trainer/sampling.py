@@ -30,6 +30,7 @@ class SampleSettings:
     width: int = 512
     height: int = 512
     clip_skip: int = 1
+    decoder: str = ""  # a TAESD folder (`trainer.preview_decoder`); "" = the model's VAE
 
 
 def make_scheduler(name: str, scheduler_config: dict):
@@ -43,7 +44,13 @@ def generate(sd, settings: SampleSettings) -> list:
     """One PIL image per prompt, each from its own seeded generator."""
     from trainer.model_loading import build_pipeline
 
-    pipe = build_pipeline(sd, scheduler=make_scheduler(settings.sampler, sd.scheduler_config))
+    vae = None
+    if settings.decoder:
+        from trainer.preview_decoder import load_preview_decoder
+
+        vae = load_preview_decoder(settings.decoder).to(sd.vae.device)
+    scheduler = make_scheduler(settings.sampler, sd.scheduler_config)
+    pipe = build_pipeline(sd, scheduler=scheduler, vae=vae)
     pipe.set_progress_bar_config(disable=True)
 
     # Prompts are encoded here, not by the pipeline, so clip skip means what it
