@@ -16,8 +16,8 @@ from trainer.errors import UserError
 GALLERY_SIZE = 12
 
 
-def sample_arguments(model: str, loras: str, lcm: str, prompt: str, negative: str, seed,
-                     steps, guidance, size: str, out: Path) -> list[str]:
+def sample_arguments(model: str, loras: str, lcm: str, decoder: str, prompt: str, negative: str,
+                     seed, steps, guidance, size: str, out: Path) -> list[str]:
     """The CLI's arguments; empty steps/guidance leave the CLI's defaults
     (20 steps at 7.0, or 4 steps at 1.0 with an LCM-LoRA)."""
     if not model.strip():
@@ -32,6 +32,8 @@ def sample_arguments(model: str, loras: str, lcm: str, prompt: str, negative: st
             args += ["--lora", line.strip()]
     if lcm.strip():
         args += ["--lcm-lora", lcm.strip()]
+    if decoder.strip():
+        args += ["--preview-decoder", decoder.strip()]
     if steps not in (None, ""):
         args += ["--steps", str(int(steps))]
     if guidance not in (None, ""):
@@ -55,6 +57,9 @@ def build(ctx: Context, tab) -> None:
         add = gr.Dropdown(label="Add a trained adapter", choices=[], scale=2, elem_id="pv-add")
     lcm = gr.Textbox(label="LCM-LoRA (optional): FILE or FILE:WEIGHT", elem_id="pv-lcm",
                      info="Samples with the LCM scheduler: 4 steps at guidance 1.0 by default.")
+    decoder = gr.Textbox(label="Preview decoder (optional): TAESD folder", elem_id="pv-decoder",
+                         info="madebyollin/taesd in diffusers AutoencoderTiny layout: decodes "
+                              "several times faster than the VAE, a little softer.")
     prompt = gr.Textbox(label="Prompt", value="a photo of a cat", elem_id="pv-prompt")
     negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
@@ -89,8 +94,8 @@ def build(ctx: Context, tab) -> None:
         return gr.Dropdown(choices=[(exports.label(p), str(p)) for p in
                                     exports.adapter_files(ctx.dirs, ctx.runner)], value=None)
 
-    generate.click(on_generate, [model, loras, lcm, prompt, negative, seed, steps, guidance,
-                                 size], [gallery, status], api_name="generate")
+    generate.click(on_generate, [model, loras, lcm, decoder, prompt, negative, seed, steps,
+                                 guidance, size], [gallery, status], api_name="generate")
     add.input(with_added, [loras, add], loras, api_visibility="private")
     same.click(lambda m: m or "demo", ctx.form["model.path"], model, api_visibility="private")
     tab.select(on_tab, None, add, api_name="list_preview_adapters")

@@ -245,14 +245,17 @@ def test_export_actions(app, tmp_path):
 
 def test_preview_generates_with_the_sample_cli(app, tmp_path):
     client, dirs, _, _ = app
-    gallery, status = client.predict("demo", "", "", "a red circle", "", 1, 2, None, "64x64",
-                                     api_name="/generate")
+    gallery, status = client.predict("demo", "", "", "", "a red circle", "", 1, 2, None,
+                                     "64x64", api_name="/generate")
     assert status.startswith("**Done:**") and len(gallery) == 1
     assert Image.open(gallery[0]["image"]).size == (64, 64)
-    _, status = client.predict("demo", str(tmp_path / "none.safetensors"), "", "x", "", 1, 2,
+    _, status = client.predict("demo", str(tmp_path / "none.safetensors"), "", "", "x", "", 1, 2,
                                None, "64x64", api_name="/generate")
     assert status == f"**Problem:** --lora: {tmp_path}/none.safetensors does not exist; " \
                      "expected a LoRA .safetensors file."
+    _, status = client.predict("demo", "", "", str(tmp_path / "taesd"), "x", "", 1, 2, None,
+                               "64x64", api_name="/generate")
+    assert status.startswith(f"**Problem:** --preview-decoder = {tmp_path}/taesd is not a folder")
 
 
 @pytest.mark.parametrize(("argv", "error"), [
