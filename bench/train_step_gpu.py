@@ -7,7 +7,10 @@ latents, LoRA r16 on the attention set, through `trainer.train.run`:
 - batch 1 and batch 8 without: it/s, images/s, peak VRAM and model-FLOPs
   utilisation against the GPU's own measured bf16 matmul peak (target for
   batch 8 >= 35%; a LoRA step is about 1.6 TFLOP per image at 512x512,
-  scaled by pixel count at other sizes).
+  scaled by pixel count at other sizes);
+- LCM-LoRA distillation (issue [4/5]) at batch 8 with the sd15-lcm-distill
+  network (LoCon rank 64): images/s and peak VRAM (its MFU is not comparable:
+  a distillation step runs the U-Net four times).
 
     python -m bench.train_step_gpu [--workdir DIR] [--steps N] [--out DIR]
     python -m bench.train_step_gpu --smoke   # demo model, 64 px, any device
@@ -29,11 +32,14 @@ from pathlib import Path
 import torch
 
 TFLOP_PER_IMAGE_512 = 1.6
-CASES = [  # (batch, gradient checkpointing)
-    (1, True),
-    (1, False),
-    (8, False),
+CASES = [  # (task, batch, gradient checkpointing)
+    ("train", 1, True),
+    ("train", 1, False),
+    ("train", 8, False),
+    ("lcm_distill", 8, False),
 ]
+LCM_NETWORK = {"network.type": "locon", "network.rank": 64, "network.alpha": 64,
+               "network.conv_rank": 64, "network.conv_alpha": 64}  # fmt: skip
 
 
 def matmul_peak_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
@@ -66,10 +72,11 @@ def make_dataset(folder: Path, resolution: int, count: int = 16) -> Path:
     return folder
 
 
-def train_case(model: Path, data: Path, out: Path, batch: int, checkpointing: bool, args) -> dict:
+def train_case(model: Path, data: Path, out: Path, case: tuple, args) -> dict:
     from trainer.config import load_config
     from trainer.train import run
 
+    task, batch, checkpointing = case
     settings = {
         "model.path": str(model), "dataset.path": str(data),
         "dataset.resolution": args.resolution, "dataset.buckets": False,
@@ -77,7 +84,8 @@ def train_case(model: Path, data: Path, out: Path, batch: int, checkpointing: bo
         "network.train_text_encoder": False, "train.steps": args.steps,
         "train.batch_size": batch, "train.scheduler": "constant",
         "train.mixed_precision": "bf16", "train.gradient_checkpointing": checkpointing,
-        "output.dir": str(out),
+        "output.dir": str(out), "task": task,
+        **(LCM_NETWORK if task == "lcm_distill" else {}),
     }  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
     cuda = torch.cuda.is_available()
@@ -88,6 +96,7 @@ def train_case(model: Path, data: Path, out: Path, batch: int, checkpointing: bo
     lines = (out / "metrics.jsonl").read_text().splitlines()
     it_s = statistics.median(json.loads(line)["it_s"] for line in lines[2:])
     return {
+        "task": task,
         "batch": batch,
         "gradient_checkpointing": checkpointing,
         "it_s": it_s,
@@ -122,13 +131,15 @@ def main(argv=None) -> dict:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "resolution": args.resolution, "steps": args.steps,
               "bf16_matmul_peak_tflops": peak, "cases": []}  # fmt: skip
-    for batch, checkpointing in CASES:
-        case = train_case(model, data, args.workdir / "out", batch, checkpointing, args)
-        case["mfu"] = case["images_s"] * tflop_per_image / peak
+    for task, batch, checkpointing in CASES:
+        case = train_case(model, data, args.workdir / "out", (task, batch, checkpointing), args)
+        if task == "train":
+            case["mfu"] = case["images_s"] * tflop_per_image / peak
         report["cases"].append(case)
         vram = case["peak_vram_gb"]
-        print(f"batch {batch}, checkpointing {checkpointing}: {case['it_s']:.3f} it/s, "
-              f"{case['images_s']:.2f} images/s, MFU {case['mfu']:.1%}, peak VRAM "
+        mfu = f", MFU {case['mfu']:.1%}" if "mfu" in case else ""
+        print(f"{task}, batch {batch}, checkpointing {checkpointing}: {case['it_s']:.3f} it/s, "
+              f"{case['images_s']:.2f} images/s{mfu}, peak VRAM "
               f"{'n/a' if vram is None else f'{vram:.2f} GB'}", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     name = "train_step_gpu_smoke.json" if args.smoke else "train_step_gpu.json"

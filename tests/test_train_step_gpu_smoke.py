@@ -13,10 +13,12 @@ from bench.train_step_gpu import CASES, main
 def test_smoke_run_reports_every_case_with_consistent_numbers(tmp_path):
     report = main(["--smoke", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path)])
     assert report["resolution"] == 64 and report["bf16_matmul_peak_tflops"] > 0
-    assert [(c["batch"], c["gradient_checkpointing"]) for c in report["cases"]] == CASES
+    cases = [(c["task"], c["batch"], c["gradient_checkpointing"]) for c in report["cases"]]
+    assert cases == CASES
     for case in report["cases"]:
         assert case["it_s"] > 0
         assert case["images_s"] == pytest.approx(case["it_s"] * case["batch"])
-        assert 0 < case["mfu"]
+        assert (case["task"] == "train") == ("mfu" in case)
+        assert case.get("mfu", 1) > 0
         assert (case["peak_vram_gb"] is None) == (not torch.cuda.is_available())
     assert json.loads((tmp_path / "train_step_gpu_smoke.json").read_text()) == report
