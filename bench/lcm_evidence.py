@@ -80,6 +80,18 @@ def noise_scheduler():
     return DDPMScheduler.from_config(load_sd15_config("scheduler"))
 
 
+def recent_mean(losses: list[float], window: int = 100) -> float:
+    recent = losses[-window:]
+    return sum(recent) / len(recent)
+
+
+def log_progress(label: str, step: int, losses: list[float], started: float) -> None:
+    """Every 250 steps: the mean of the last 100 losses and the time so far."""
+    if (step + 1) % 250 == 0:
+        print(f"  {label} step {step + 1}: loss {recent_mean(losses):.5f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+
+
 def train_teacher(unet, scheduler, args) -> dict:
     """Plain epsilon objective, AdamW, 10% of the prompts replaced by the null one."""
     g = torch.Generator().manual_seed(0)
@@ -106,15 +118,9 @@ def train_teacher(unet, scheduler, args) -> dict:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if (step + 1) % 250 == 0:
-            print(
-                f"  teacher step {step + 1}: loss {sum(losses[-100:]) / 100:.4f} "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+        log_progress("teacher", step, losses, start)
     unet.eval()
-    window = losses[-100:]
-    return {"seconds": time.perf_counter() - start, "final_loss": sum(window) / len(window)}
+    return {"seconds": time.perf_counter() - start, "final_loss": recent_mean(losses)}
 
 
 def distill(unet, scheduler, args):
@@ -137,14 +143,8 @@ def distill(unet, scheduler, args):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if (step + 1) % 250 == 0:
-            print(
-                f"  distill step {step + 1}: loss {sum(losses[-100:]) / 100:.5f} "
-                f"({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
-    window = losses[-100:]
-    info = {"seconds": time.perf_counter() - start, "final_loss": sum(window) / len(window),
+        log_progress("distill", step, losses, start)
+    info = {"seconds": time.perf_counter() - start, "final_loss": recent_mean(losses),
             "parameters": sum(p.numel() for p in params),
             "adapters": len(network.adapters)}  # fmt: skip
     return network, info
