@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.test_train import config_for
 from trainer.config import load_config
@@ -72,11 +73,19 @@ def test_config_refuses_a_missing_decoder_folder_before_training(demo_model_dir,
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_training_previews_decode_with_taesd(demo_model_dir, taesd_dir, tmp_path):
+@pytest.mark.parametrize("decoder", ["vae", "taesd"])
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_training_previews_decode_in_every_precision(
+    demo_model_dir, taesd_dir, tmp_path, decoder, precision
+):
+    """bf16 training makes bf16 latents; the decoders stay fp32 (a crash before)."""
     from trainer.demo_assets import write_demo_dataset
 
     write_demo_dataset(tmp_path / "data", size=64)
     extra = {"train.steps": 2, "sample.prompts": ["a red circle"], "sample.every_n_steps": 2,
-             "sample.steps": 2, "sample.preview_decoder": str(taesd_dir)}  # fmt: skip
+             "sample.steps": 2, "train.mixed_precision": precision,
+             "sample.preview_decoder": str(taesd_dir) if decoder == "taesd" else ""}  # fmt: skip
     run(config_for(demo_model_dir, tmp_path / "data", tmp_path / "out", **extra))
-    assert [p.name for p in (tmp_path / "out" / "samples").iterdir()] == ["step000002-0.png"]
+    samples = list((tmp_path / "out" / "samples").iterdir())
+    assert [p.name for p in samples] == ["step000002-0.png"]
+    assert np.asarray(Image.open(samples[0])).std() > 0

@@ -69,6 +69,15 @@ def generate(sd, settings: SampleSettings) -> list:
             width=settings.width,
             height=settings.height,
             generator=generator,
+            output_type="latent",
         )
-        images.append(result.images[0])
+        images.append(decode_image(pipe, result.images))
     return images
+
+
+def decode_image(pipe, latents: torch.Tensor):
+    """Decode in the decoder's own dtype: in bf16/fp16 training the U-Net makes
+    half-precision latents while the VAE (or TAESD) stays fp32."""
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0]
