@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 
 from trainer.config_schema import DEMO, PATH_KEYS, SECTIONS, TrainConfig
 from trainer.errors import UserError
+from trainer.preview_decoder import check_decoder_folder
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 _DEMO_KEYS = ("model.path", "dataset.path")
@@ -133,11 +134,11 @@ def require_paths(config: TrainConfig) -> None:
         if value and not Path(value).is_file():
             problems.append(f"{key} = {_show(value)} is not a file; fix the path or set "
                             f'{key} = "" to turn it off.')
-    decoder = config.sample.preview_decoder
-    if decoder and not Path(decoder).expanduser().is_dir():
-        problems.append(f"sample.preview_decoder = {_show(decoder)} is not a folder; give a TAESD "
-                        'folder (diffusers AutoencoderTiny) or set sample.preview_decoder = "" '
-                        "to decode previews with the model's VAE.")  # fmt: skip
+    if config.sample.preview_decoder:
+        try:  # the same checks `python -m trainer sample --preview-decoder` makes
+            check_decoder_folder(config.sample.preview_decoder, "sample.preview_decoder")
+        except UserError as problem:
+            problems.append(str(problem))
     if problems:
         raise _user_error(problems)
 

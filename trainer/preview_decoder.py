@@ -34,7 +34,8 @@ def check_decoder_folder(path: str | Path, setting: str) -> Path:
     try:
         class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
     except (ValueError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{setting} = {path}: config.json is not valid JSON; {HOW_TO_GET}.") from None
+        message = f"{setting} = {path}: config.json is not valid JSON; {HOW_TO_GET}."
+        raise UserError(message) from None
     if class_name != "AutoencoderTiny":
         # diffusers would load another class's weights with a warning and random layers.
         raise UserError(f"{setting} = {path} holds a {class_name or 'model of unknown class'}, "
