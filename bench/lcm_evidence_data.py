@@ -142,13 +142,14 @@ def lcm_sample_ours(
     generator = torch.Generator().manual_seed(seed)
     x, n = noise.clone(), len(noise)
     for i, t in enumerate(timesteps):
-        t_batch = torch.full((n,), t, dtype=torch.long)
+        t_batch = torch.full((n,), t, dtype=torch.long, device=x.device)
         eps = unet(x, t_batch, cond).sample
         x0 = predicted_x0(eps, t_batch, x, "epsilon", alphas_cumprod)
         denoised = consistency_output(x, x0, t_batch)
         if i + 1 < len(timesteps):
-            renoise = eps if deterministic else torch.randn(x.shape, generator=generator)
-            x = ddim_step(denoised, renoise, torch.full((n,), timesteps[i + 1]), alphas_cumprod)
+            renoise = eps if deterministic else torch.randn(x.shape, generator=generator).to(x)
+            t_next = torch.full((n,), timesteps[i + 1], device=x.device)
+            x = ddim_step(denoised, renoise, t_next, alphas_cumprod)
     return denoised
 
 

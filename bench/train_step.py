@@ -1,5 +1,7 @@
 """One LoRA training step on the SD1.5-architecture model (random weights),
-CPU, 256x256 (32x32 latents), batch 1, LoRA r16, cached latents:
+by default on the CPU at 256x256 (32x32 latents), batch 1, fp32, LoRA r16,
+cached latents (on a GPU, if there is one; `--resolution`, `--batch` and
+`--mixed-precision` change the setup):
 
 - bare: the frozen U-Net forward+backward with only its input requiring grad;
 - reference: the loop of diffusers' `train_text_to_image_lora.py` with peft
@@ -16,6 +18,7 @@ the time spent in those two. The disabled wrappers and hooks left in the bare
 step cost about 400 Python calls, well under 0.1% of it.
 
     python -m bench.train_step [--steps N] [--workdir DIR]
+    python -m bench.train_step --resolution 512 --batch 8 --mixed-precision bf16  # GPU
 """
 
 from __future__ import annotations
@@ -56,14 +59,15 @@ def build_model_folder(folder: Path) -> Path:
 class InterleavedSteps:
     """Runs a bare and a reference step before each of our training steps."""
 
-    def __init__(self, real_training_loss):
+    def __init__(self, real_training_loss, batch: int, latent_size: int):
         self.real_training_loss = real_training_loss
+        self.shape = (batch, 4, latent_size, latent_size)
         self.bare: list[float] = []
         self.reference: list[float] = []
         self.inserted: list[float] = []
         self.optimizer = None
 
-    def _prepare(self, unet) -> None:
+    def _prepare(self, unet, ctx) -> None:
         from peft import LoraConfig
 
         unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
@@ -71,66 +75,83 @@ class InterleavedSteps:
         params = [p for name, p in unet.named_parameters() if "lora_" in name]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         generator = torch.Generator().manual_seed(0)
-        self.latents = torch.randn(1, 4, 32, 32, generator=generator)
-        self.text = torch.randn(1, 77, 768, generator=generator)
+        self.ctx = ctx  # the trainer's device and autocast: all three run alike
+        self.latents = torch.randn(self.shape, generator=generator).to(ctx.device)
+        text_shape = (self.shape[0], 77, unet.config.cross_attention_dim)
+        self.text = torch.randn(text_shape, generator=generator).to(ctx.device)
+        self.t = torch.full((self.shape[0],), 500, device=ctx.device)
 
     def _bare(self, unet) -> None:
         x = self.latents.clone().requires_grad_(True)
-        unet(x, torch.tensor([500]), self.text).sample.square().mean().backward()
+        with self.ctx.autocast():
+            out = unet(x, self.t, self.text).sample
+        out.float().square().mean().backward()
 
     def _reference(self, unet, scheduler) -> None:
         noise = torch.randn_like(self.latents)
-        t = torch.randint(0, 1000, (1,))
+        t = torch.randint(0, 1000, (self.shape[0],), device=self.ctx.device)
         noisy = scheduler.add_noise(self.latents, noise, t)
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, self.text).sample, noise)
-        loss.backward()
+        with self.ctx.autocast():
+            out = unet(noisy, t, self.text).sample
+        torch.nn.functional.mse_loss(out.float(), noise).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def __call__(self, config, sd, network, *args):
+    def _timed(self, step, *args) -> float:
+        synchronize(self.ctx.device)
+        start = time.perf_counter()
+        step(*args)
+        synchronize(self.ctx.device)
+        return time.perf_counter() - start
+
+    def __call__(self, config, sd, network, tb, mine, generator, train_te, ctx):
         unet = sd.unet
         if self.optimizer is None:
-            self._prepare(unet)
+            self._prepare(unet, ctx)
+        synchronize(ctx.device)
         inserted_start = time.perf_counter()
         network.set_enabled(False)
         unet.disable_adapters()
-        start = time.perf_counter()
-        self._bare(unet)
-        self.bare.append(time.perf_counter() - start)
+        self.bare.append(self._timed(self._bare, unet))
         unet.enable_adapters()
-        start = time.perf_counter()
-        self._reference(unet, sd.noise_scheduler)
-        self.reference.append(time.perf_counter() - start)
+        self.reference.append(self._timed(self._reference, unet, sd.noise_scheduler))
         unet.disable_adapters()
         network.set_enabled(True)
         self.inserted.append(time.perf_counter() - inserted_start)
-        return self.real_training_loss(config, sd, network, *args)
+        return self.real_training_loss(config, sd, network, tb, mine, generator, train_te, ctx)
 
 
-def make_dataset(workdir: Path) -> Path:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_dataset(workdir: Path, resolution: int, count: int) -> Path:
     from PIL import Image
 
-    data = workdir / "data"
+    data = workdir / f"data-{resolution}-{count}"
     data.mkdir(exist_ok=True)
-    for i in range(4):
-        Image.new("RGB", (256, 256), (60 * i, 100, 200)).save(data / f"{i}.png")
+    for i in range(count):
+        Image.new("RGB", (resolution, resolution), (60 * i % 256, 100, 200)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"image {i}")
     return data
 
 
-def measure(model_dir: Path, workdir: Path, steps: int) -> dict[str, list[float]]:
+def measure(model_dir: Path, workdir: Path, args) -> dict[str, list[float]]:
     import trainer.train as train_module
     from trainer.config import load_config
 
     settings = {
-        "model.path": str(model_dir), "dataset.path": str(make_dataset(workdir)),
-        "dataset.resolution": 256, "dataset.buckets": False, "dataset.cache_latents": "memory",
-        "network.rank": 16, "network.alpha": 16, "network.train_text_encoder": False,
-        "train.steps": steps, "train.batch_size": 1, "train.scheduler": "constant",
-        "output.dir": str(workdir / "out"),
+        "model.path": str(model_dir),
+        "dataset.path": str(make_dataset(workdir, args.resolution, max(4, args.batch))),
+        "dataset.resolution": args.resolution, "dataset.buckets": False,
+        "dataset.cache_latents": "memory", "network.rank": 16, "network.alpha": 16,
+        "network.train_text_encoder": False, "train.steps": args.steps,
+        "train.batch_size": args.batch, "train.scheduler": "constant",
+        "train.mixed_precision": args.mixed_precision, "output.dir": str(workdir / "out"),
     }  # fmt: skip
     shutil.rmtree(workdir / "out", ignore_errors=True)  # train afresh, not as a resume
-    interleaved = InterleavedSteps(train_module.training_loss)
+    interleaved = InterleavedSteps(train_module.training_loss, args.batch, args.resolution // 8)
     train_module.training_loss = interleaved
     try:
         train_module.run(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
@@ -146,9 +167,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "bench-train")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    times = measure(build_model_folder(args.workdir), args.workdir, args.steps)
+    times = measure(build_model_folder(args.workdir), args.workdir, args)
     # The first two steps warm up allocator and kernels; each later step gives a ratio
     # between neighbours measured seconds apart.
     kept = {name: values[2:] for name, values in times.items()}

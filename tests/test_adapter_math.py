@@ -136,3 +136,37 @@ def test_loha_training_step_keeps_no_full_size_tensor_for_backward():
     module.detach()
     assert kept and max(kept) < base.weight.numel() / 4
     assert module.hada_w1_a.grad is not None and module.hada_w1_a.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [LoRAModule, LoHaModule])
+@pytest.mark.parametrize(
+    "make_base, shape",
+    [
+        (lambda: nn.Linear(32, 24), (2, 5, 32)),
+        (lambda: nn.Conv2d(8, 6, 3, padding=1), (2, 8, 6, 6)),
+    ],
+    ids=["linear", "conv"],
+)
+def test_bf16_model_with_fp32_adapters_matches_fp32_adapter_input(cls, make_base, shape):
+    """Under autocast the adapter takes the bf16 activations as they are; the
+    result must equal feeding it an fp32 copy (what it did before, at the cost
+    of a cast per layer). Without autocast a bf16 model must still run."""
+    torch.manual_seed(0)
+    base = make_base().to(torch.bfloat16)
+    module = cls("lora_unet_x", base, rank=4, alpha=2)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0, 0.2)
+    module.attach()
+    x = torch.randn(shape).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hooked = base(x)
+        module.enabled = False
+        plain = base(x)
+        expected = plain + module.delta_forward(x.float(), module.scale).to(plain.dtype)
+        module.enabled = True
+    assert torch.equal(hooked, expected)
+    assert torch.count_nonzero(hooked - plain) > 0
+    outside = base(x)
+    assert outside.dtype == torch.bfloat16
+    torch.testing.assert_close(outside, expected, atol=0.05, rtol=0.02)

@@ -119,6 +119,18 @@ def test_a_crash_while_saving_keeps_the_previous_state(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["state-00000005"]
 
 
+def test_bf16_stores_the_frozen_weights_in_bf16_and_keeps_the_vae_fp32(
+    demo_model_dir, four_images, tmp_path
+):
+    from trainer.train_setup import load_model
+
+    config = config_for(demo_model_dir, four_images, tmp_path, **{"train.mixed_precision": "bf16"})
+    sd = load_model(config, torch.device("cpu"))
+    assert {p.dtype for p in sd.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in sd.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in sd.vae.parameters()} == {torch.float32}
+
+
 def cli(*args, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(

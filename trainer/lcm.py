@@ -168,6 +168,7 @@ def distillation_loss(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     *,
     num_ddim: int = 50,
+    target_weights: Callable[[], AbstractContextManager] = nullcontext,
 ) -> torch.Tensor:
     """One LCM-LoRA distillation step's loss (LCM Algorithm 1 with the LoRA
     student as its own no-grad target, as in the LCM-LoRA report).
@@ -177,7 +178,9 @@ def distillation_loss(
     guidance) come from `generator` (on the CPU) in that order.
     `uncond_embedding` is the empty prompt's embedding, (1 or batch, 77, dim).
     Like the diffusers example for SD1.5, the U-Net gets plain text
-    embeddings, no guidance embedding.
+    embeddings, no guidance embedding. `target_weights` is entered around the
+    target's forward pass: a context that swaps in other adapter weights (an
+    EMA copy, as in LCM's Algorithm 1) changes which network gives the target.
     """
     latents = batch_latents.float()
     batch, device = latents.shape[0], latents.device
@@ -226,7 +229,7 @@ def distillation_loss(
         x_prev = ddim_step(x0, eps, t_prev, alphas_cumprod)
 
         # 5. Target: the student itself at t_prev, without grad (no EMA copy).
-        with autocast():
+        with autocast(), target_weights():
             target_out = unet(x_prev, t_prev, text_embeddings).sample
         target = consistency_output(x_prev, x0_of(target_out, t_prev, x_prev), t_prev)
 
