@@ -46,7 +46,7 @@ from bench.lcm_evidence_data import (
     tiny_unet,
 )
 from networks.network import AdapterNetwork, NetworkSpec
-from trainer.lcm import distillation_loss
+from trainer.lcm import EmaTarget, distillation_loss
 from trainer.sd15_config import load_sd15_config
 
 FULL = dict(size=16, teacher_steps=2000, teacher_batch=32, teacher_lr=1.5e-3,
@@ -140,33 +140,6 @@ def distill_lr_factor(args):
     return lambda step: 0.5 * (1 + math.cos(math.pi * step / args.distill_steps))
 
 
-class EmaTarget:
-    """An EMA copy of the adapter weights, swapped in for the target's pass
-    (LCM Algorithm 1's target network; LCM-LoRA drops it)."""
-
-    def __init__(self, params, decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for shadow, param in zip(self.shadow, self.params, strict=True):
-            shadow.lerp_(param, 1 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        # Swap storage, not values: copying in place would invalidate the
-        # student's saved tensors for the backward pass.
-        live = [p.data for p in self.params]
-        for param, shadow in zip(self.params, self.shadow, strict=True):
-            param.data = shadow
-        try:
-            yield
-        finally:
-            for param, value in zip(self.params, live, strict=True):
-                param.data = value
-
-
 def distill(unet, scheduler, args):
     unet.requires_grad_(False)
     spec = NetworkSpec("locon", rank=args.rank, alpha=args.rank, conv_rank=args.rank,
@@ -176,7 +149,7 @@ def distill(unet, scheduler, args):
     optimizer = torch.optim.AdamW(params, lr=args.distill_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, distill_lr_factor(args))
     g = torch.Generator().manual_seed(1)
-    ema = EmaTarget(params, args.target_ema) if args.target_ema else None
+    ema = EmaTarget.of_network(network, args.target_ema) if args.target_ema else None
     start, losses = time.perf_counter(), []
     for step in range(args.distill_steps):
         classes = torch.randint(0, NUM_CLASSES, (args.distill_batch,), generator=g)

@@ -161,3 +161,21 @@ def test_distillation_is_repeatable_and_a_few_adamw_steps_reduce_the_loss(studen
     with torch.no_grad():
         losses.append(float(loss_for(student, batch, demo_sd.noise_scheduler)))
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_ema_target_averages_swaps_in_and_leaves_the_student_gradient_alone():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = lcm.EmaTarget([("w", w)], decay=0.9)
+    with torch.no_grad():
+        w.copy_(torch.tensor([3.0, 4.0]))
+    ema.update()
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([1.2, 2.2]))
+    x = torch.tensor([5.0, 7.0])
+    student = (w * x).sum()  # saves w for backward
+    with torch.no_grad(), ema.swapped_in():
+        target = (w * x).sum()
+    torch.testing.assert_close(target, torch.tensor(1.2 * 5 + 2.2 * 7))
+    student.backward()
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(w.grad, x)
+    assert set(ema.state_dict()) == {"lcm_target_ema.w"}

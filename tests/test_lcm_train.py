@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import safetensors
+import torch
 
 from tests.test_train import config_for, metrics
 from trainer.model_loading import build_pipeline
@@ -74,3 +75,35 @@ def test_training_with_an_lcm_lora_writes_4_step_previews(distilled, demo_model_
         "step000002-0.png", "step000004-0.png",
     ]  # fmt: skip
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_ema_target_changes_later_steps_and_resumes_exactly(demo_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.demo_assets import write_demo_dataset
+    from trainer.errors import UserError
+
+    data = tmp_path / "data"
+    write_demo_dataset(data, size=64)
+    short = {**DISTILL, "train.steps": 6, "output.save_precision": "fp32"}
+    ema = {**short, "lcm.target_ema": 0.9}
+    run(config_for(demo_model_dir, data, tmp_path / "plain", **short))
+    run(config_for(demo_model_dir, data, tmp_path / "ema", **ema))
+    plain = [m["loss"] for m in metrics(tmp_path / "plain")]
+    straight = [m["loss"] for m in metrics(tmp_path / "ema")]
+    # The EMA starts as the student: the first step is the same, later ones are not.
+    assert straight[0] == plain[0] and straight[1:] != plain[1:]
+
+    split = tmp_path / "split"
+    run(config_for(demo_model_dir, data, split, **ema), stop_at_step=3)
+    state = sorted((split / "state").iterdir())[-1] / "adapter.safetensors"
+    assert any(key.startswith("lcm_target_ema.") for key in load_file(state))
+    run(config_for(demo_model_dir, data, split, **ema), resume=True)
+    assert [m["loss"] for m in metrics(split)] == straight
+    a, b = load_file(tmp_path / "ema" / "test.safetensors"), load_file(split / "test.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+    no_ema = tmp_path / "no-ema"
+    run(config_for(demo_model_dir, data, no_ema, **short), stop_at_step=2)
+    with pytest.raises(UserError, match="saved without an EMA target"):
+        run(config_for(demo_model_dir, data, no_ema, **ema), resume=True)

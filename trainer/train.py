@@ -108,6 +108,11 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
         config.train.scheduler, optimizer, config.train.warmup_steps, total_steps
     )
 
+    if config.task == "lcm_distill" and config.lcm.target_ema:
+        from trainer.lcm import EmaTarget
+
+        step_context.lcm_target = EmaTarget.of_network(network, config.lcm.target_ema)
+
     # 4. Resume from the newest complete state.
     progress = Progress(step=0, epoch=0, batch=0)
     if resume:
@@ -117,7 +122,7 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
                 f"--resume: no saved training state in {outputs.state_root}; "
                 "start without --resume."
             )
-        network.load_state_dict(loaded.adapter)
+        restore_weights(network, step_context.lcm_target, loaded.adapter, outputs.state_root)
         optimizer.load_state_dict(loaded.training["optimizer"])
         scheduler.load_state_dict(loaded.training["scheduler"])
         restore_rng_states(loaded.training["rng"])
@@ -169,6 +174,8 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
         step_context.scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if step_context.lcm_target is not None:
+            step_context.lcm_target.update()
         next_position = tb.batch.next_position
         progress = Progress(step=step + 1, epoch=next_position.epoch, batch=next_position.batch)
         losses.append(loss)
@@ -192,7 +199,8 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
             export(config, network, outputs, outputs.periodic_file(progress.step), report, progress)
             outputs.remember_periodic(outputs.periodic_file(progress.step))
         if is_main and (stop_now or (state_every and progress.step % state_every == 0)):
-            save_state(outputs.state_root, progress, network.state_dict(), optimizer, scheduler)
+            weights = training_weights(network, step_context.lcm_target)
+            save_state(outputs.state_root, progress, weights, optimizer, scheduler)
         if finished or stop_now:
             stopped_early = not finished
             break
@@ -202,7 +210,8 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
     if is_main and not stopped_early:
         final_file = outputs.final_file
         export(config, network, outputs, final_file, report, progress)
-        save_state(outputs.state_root, progress, network.state_dict(), optimizer, scheduler)
+        weights = training_weights(network, step_context.lcm_target)
+        save_state(outputs.state_root, progress, weights, optimizer, scheduler)
     if is_main:
         outputs.close()
     accelerator.wait_for_everyone()
@@ -223,6 +232,7 @@ class StepContext:
     device: torch.device
     mixed_precision: str
     text_cache: object = None  # TextEmbeddingCache while the text encoder is frozen
+    lcm_target: object = None  # trainer.lcm.EmaTarget when lcm.target_ema is set
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mixed_precision == "fp16")
@@ -275,8 +285,33 @@ def lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx):
         sd.noise_scheduler, generator, config.lcm.w_min, config.lcm.w_max, config.lcm.loss,
         config.lcm.huber_c, autocast=ctx.autocast,
         num_ddim=config.lcm.num_ddim_timesteps,
+        target_weights=ctx.lcm_target.swapped_in if ctx.lcm_target else contextlib.nullcontext,
     )  # fmt: skip
     return loss * len(captions)  # the mean over the slice -> its sum
+
+
+def training_weights(network, lcm_target) -> dict[str, torch.Tensor]:
+    """What a training state keeps: the adapter, and the EMA target if any."""
+    weights = network.state_dict()
+    return weights | lcm_target.state_dict() if lcm_target is not None else weights
+
+
+def restore_weights(network, lcm_target, saved: dict[str, torch.Tensor], state_root) -> None:
+    from trainer.lcm import EmaTarget
+
+    network.load_state_dict(
+        {key: value for key, value in saved.items() if not key.startswith(EmaTarget.PREFIX)}
+    )
+    if lcm_target is None:
+        return
+    try:
+        lcm_target.load_state_dict(saved)
+    except KeyError:
+        raise UserError(
+            f"--resume: the training state in {state_root} was saved without an EMA target "
+            "(lcm.target_ema was 0 then); resume with lcm.target_ema = 0, or start afresh "
+            "without --resume."
+        ) from None
 
 
 def frozen_text_cache(config, sd):
