@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from trainer import diffusion
 from trainer.errors import UserError
+from trainer.lcm_state import restore_weights, training_weights
 from trainer.state import Progress, load_latest_state, restore_rng_states, save_state
 from trainer.text_encoding import encode_captions
 
@@ -288,30 +289,6 @@ def lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx):
         target_weights=ctx.lcm_target.swapped_in if ctx.lcm_target else contextlib.nullcontext,
     )  # fmt: skip
     return loss * len(captions)  # the mean over the slice -> its sum
-
-
-def training_weights(network, lcm_target) -> dict[str, torch.Tensor]:
-    """What a training state keeps: the adapter, and the EMA target if any."""
-    weights = network.state_dict()
-    return weights | lcm_target.state_dict() if lcm_target is not None else weights
-
-
-def restore_weights(network, lcm_target, saved: dict[str, torch.Tensor], state_root) -> None:
-    from trainer.lcm import EmaTarget
-
-    network.load_state_dict(
-        {key: value for key, value in saved.items() if not key.startswith(EmaTarget.PREFIX)}
-    )
-    if lcm_target is None:
-        return
-    try:
-        lcm_target.load_state_dict(saved)
-    except KeyError:
-        raise UserError(
-            f"--resume: the training state in {state_root} was saved without an EMA target "
-            "(lcm.target_ema was 0 then); resume with lcm.target_ema = 0, or start afresh "
-            "without --resume."
-        ) from None
 
 
 def frozen_text_cache(config, sd):
