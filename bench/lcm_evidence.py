@@ -132,9 +132,9 @@ def train_teacher(unet, scheduler, args) -> dict:
 
 
 def distill_lr_factor(args):
-    """Constant, or cosine from 1 to 0 over the run: with a constant rate the
-    4-step error stopped improving after 1000 steps (see BENCHMARKS.md), the
-    mark of a noise floor that a decaying rate lowers."""
+    """Constant, or cosine from 1 to 0 over the run (tried because with a
+    constant rate the 4-step error stopped improving after 1000 steps; it
+    helped a little, BENCHMARKS.md)."""
     if args.distill_schedule == "constant":
         return lambda step: 1.0
     return lambda step: 0.5 * (1 + math.cos(math.pi * step / args.distill_steps))

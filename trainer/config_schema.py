@@ -239,7 +239,7 @@ class LCMConfig(Section):
     loss: Literal["huber", "l2"] = Field("huber", description="Consistency distance.")
     huber_c: float = Field(0.001, gt=0, description="Pseudo-Huber loss constant c.")
     target_ema: float = Field(0.0, ge=0, lt=1, description="EMA decay of the target network "
-        "(LCM's Algorithm 1; e.g. 0.95); 0 = the student is its own target (LCM-LoRA).")
+        "(LCM's Algorithm 1; e.g. 0.95-0.99); 0 = the student is its own target (LCM-LoRA).")
 
     @model_validator(mode="after")
     def _w_order(self) -> LCMConfig:

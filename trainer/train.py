@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from trainer import diffusion
 from trainer.errors import UserError
+from trainer.lcm import EmaTarget
 from trainer.lcm_state import restore_weights, training_weights
 from trainer.state import Progress, load_latest_state, restore_rng_states, save_state
 from trainer.text_encoding import encode_captions
@@ -110,8 +111,6 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
     )
 
     if config.task == "lcm_distill" and config.lcm.target_ema:
-        from trainer.lcm import EmaTarget
-
         step_context.lcm_target = EmaTarget.of_network(network, config.lcm.target_ema)
 
     # 4. Resume from the newest complete state.
