@@ -96,20 +96,37 @@ def tiny_unet(size: int, seed: int = 0):
 # --- samplers ------------------------------------------------------------
 @torch.no_grad()
 def ddim_sample(
-    unet, scheduler_config, noise, cond, uncond, w: float, steps: int, spacing: str = "trailing"
-):
+    unet, scheduler_config, noise, cond, uncond, w: float, steps: int, spacing: str = "trailing",
+    path: dict | None = None,
+):  # fmt: skip
     """Deterministic DDIM (default trailing timesteps: the first step is t = 999)
-    with CFG in the LCM convention: eps = cond + w (cond - uncond)."""
+    with CFG in the LCM convention: eps = cond + w (cond - uncond).
+    `path`, a dict keyed by timesteps, receives the sample on its way at
+    those timesteps."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing=spacing)
     scheduler.set_timesteps(steps)
     x, uncond = noise.clone(), uncond.expand_as(cond)
     for t in scheduler.timesteps:
+        if path is not None and int(t) in path:
+            path[int(t)] = x
         out = unet(torch.cat([x, x]), t, torch.cat([cond, uncond])).sample
         eps_cond, eps_uncond = out.chunk(2)
         x = scheduler.step(cfg(eps_cond, eps_uncond, w), t, x, eta=0.0).prev_sample
     return x
+
+
+@torch.no_grad()
+def consistency_on_path(unet, alphas_cumprod, path: dict, cond) -> dict:
+    """f(x_t, t) for samples x_t on the reference's own ODE path: what a
+    one-jump consistency map gives from each of them."""
+    results = {}
+    for t, x in path.items():
+        t_batch = torch.full((len(x),), t, dtype=torch.long, device=x.device)
+        x0 = predicted_x0(unet(x, t_batch, cond).sample, t_batch, x, "epsilon", alphas_cumprod)
+        results[t] = consistency_output(x, x0, t_batch)
+    return results
 
 
 @torch.no_grad()
