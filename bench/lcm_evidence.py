@@ -13,19 +13,21 @@
    that our own multistep sampling (written with `trainer.lcm`, adapters as
    hooks) matches `LCMScheduler` on the U-Net with the LoRA merged.
    The student is also sampled deterministically (re-noising with its own
-   noise prediction, TCD's gamma = 0), which keeps each sample on the ODE
-   path of its starting noise, as the reference is.
+   noise prediction, TCD's gamma = 0), which keeps each sample tied to its
+   starting noise, as the reference is (fresh noise moves it to another path).
 4. Write a picture grid (rows: teacher 50-step, teacher 4-step, student
    4-step LCM, student 4-step deterministic) and a JSON of the numbers.
-
 5. With `--eval-every N`, the same student numbers every N steps (a curve
    JSON rewritten each time), plus one jump of the consistency map from the
    reference's own path at 999, 759, 499 and 259: where the error comes from.
+   `--student full` distills the whole U-Net (LCM) instead of a LoCon, and
+   `--distill-data teacher` distills on the teacher's own samples.
 
     python -m bench.lcm_evidence [--quick] [--out bench/results] [--threads 1]
                                  [--device cuda] [--distill-schedule cosine]
                                  [--target-ema 0.99] [--eval-every 500]
-                                 [--student full] [--loss l2] [--tag _run1]
+                                 [--student full] [--distill-data teacher]
+                                 [--loss l2] [--tag _run1]
 """
 
 from __future__ import annotations

@@ -154,8 +154,9 @@ def lcm_sample_ours(
 
     `deterministic` re-noises with the model's own noise prediction instead
     (a DDIM step from the consistency output; TCD's gamma = 0, Zheng et al.
-    2024, arXiv:2402.19159), so the sample stays on its starting noise's ODE
-    path, the path the 50-step reference follows."""
+    2024, arXiv:2402.19159): the new point lies on the line from the current
+    sample to its predicted clean sample, so the sample stays tied to its
+    starting noise, as the 50-step reference is."""
     generator = torch.Generator().manual_seed(seed)
     x, n = noise.clone(), len(noise)
     for i, t in enumerate(timesteps):
