@@ -166,27 +166,20 @@ class FullStudent(torch.nn.Module):
 
     def __init__(self, unet):
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # registered, so `parameters()` are the U-Net's
         self.adapters = []
-        self.params = list(unet.parameters())
-        self.teacher = [p.detach().clone() for p in self.params]
-        self.live = None
-
-    def named_parameters(self, *args, **kwargs):
-        return self.unet.named_parameters(*args, **kwargs)
-
-    def parameters(self, *args, **kwargs):
-        return self.unet.parameters(*args, **kwargs)
+        # A never-updated EmaTarget is a frozen copy with the storage swap
+        # the EMA target already uses.
+        self.teacher = EmaTarget(list(unet.named_parameters()), decay=1.0)
+        self.teacher_swap = None
 
     def set_enabled(self, enabled: bool) -> None:
-        if not enabled and self.live is None:
-            self.live = [p.data for p in self.params]
-            for param, frozen in zip(self.params, self.teacher, strict=True):
-                param.data = frozen
-        elif enabled and self.live is not None:
-            for param, value in zip(self.params, self.live, strict=True):
-                param.data = value
-            self.live = None
+        if not enabled and self.teacher_swap is None:
+            self.teacher_swap = self.teacher.swapped_in()
+            self.teacher_swap.__enter__()
+        elif enabled and self.teacher_swap is not None:
+            self.teacher_swap.__exit__(None, None, None)
+            self.teacher_swap = None
 
     def merge(self) -> None:  # the student's weights are the U-Net's already
         pass

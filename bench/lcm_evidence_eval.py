@@ -93,6 +93,15 @@ class Evaluation:
             metrics[f"ratio_{prefix}{name}"] = ratio
         return metrics, samples
 
+    def student_and_ema(self, unet, ema) -> tuple[dict, dict]:
+        """`student`'s numbers, and with an EMA target also those of its EMA
+        weights (keys prefixed `ema_`); the samples are the live weights'."""
+        metrics, samples = self.student(unet)
+        if ema:
+            with ema.swapped_in():
+                metrics |= self.student(unet, prefix="ema_")[0]
+        return metrics, samples
+
 
 def evaluate(unet, network, ema, evaluation) -> tuple[dict, list[torch.Tensor]]:
     """The final numbers: the student's (and its EMA weights', when there are
@@ -100,7 +109,7 @@ def evaluate(unet, network, ema, evaluation) -> tuple[dict, list[torch.Tensor]]:
     the U-Net with the LoRA merged."""
     start = time.perf_counter()
     ev = evaluation
-    metrics, samples = ev.student(unet)
+    metrics, samples = ev.student_and_ema(unet, ema)
     ours_hooked = lcm_sample_ours(unet, ev.alphas_cumprod, ev.noise, ev.cond, ev.timesteps, seed=5)
     network.merge()
     student4_merged, _ = lcm_sample_diffusers(unet, ev.config, ev.noise, ev.cond, 4, seed=5)
@@ -111,9 +120,6 @@ def evaluate(unet, network, ema, evaluation) -> tuple[dict, list[torch.Tensor]]:
         "max_abs_ours_hooked_vs_diffusers_merged": max_abs(ours_hooked, student4_merged),
         "max_abs_diffusers_hooked_vs_merged": max_abs(samples["student4"], student4_merged),
     }
-    if ema:
-        with ema.swapped_in():
-            results.update(ev.student(unet, prefix="ema_")[0])
     results["eval_seconds"] = time.perf_counter() - start
     # Old names, kept so earlier result files stay comparable.
     results["ratio"] = results.pop("ratio_student4")
@@ -130,10 +136,7 @@ def curve_recorder(unet, evaluation, path: Path):
     curve = []
 
     def record(_network, ema, step, loss):
-        point = {"step": step, "loss": loss, **evaluation.student(unet)[0]}
-        if ema:
-            with ema.swapped_in():
-                point.update(evaluation.student(unet, prefix="ema_")[0])
+        point = {"step": step, "loss": loss, **evaluation.student_and_ema(unet, ema)[0]}
         curve.append(point)
         print("  eval " + json.dumps(point), flush=True)
         path.write_text(json.dumps({"teacher": evaluation.teacher, "curve": curve}, indent=1))
