@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop_cleanly)
     ui = build_ui(dirs, runner)
     try:
-        # Blocks until Ctrl-C, which also reaches the trainer (same process
-        # group): it saves its state and exits; shutdown() waits for that.
+        # Blocks until Ctrl-C. The trainer runs in a session of its own
+        # (gui/jobs.py), so Ctrl-C reaches only the app; shutdown() below stops
+        # the trainer with SIGTERM and waits while it saves its state.
+        # Gradio serves the data folder, its own upload folder and the files
+        # handlers return; what those may be is decided in gui/paths.py.
         ui.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                   allowed_paths=[str(dirs.root)], show_error=True)
     except OSError as error:

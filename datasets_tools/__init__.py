@@ -33,7 +33,7 @@ _EXPORTS = {
     "loading": ["decode_image"],
     "report": ["Problem", "Report", "Severity"],
     "sampler": ["Batch", "BucketBatchSampler", "Position", "sample_rng"],
-    "scan": ["ImageItem", "ScanResult", "scan_dataset"],
+    "scan": ["ImageItem", "ScanLimits", "ScanResult", "ScanStopped", "scan_dataset"],
     "text_cache": ["TextEmbeddingCache"],
     "training_data": ["DataOptions", "TrainingBatch", "TrainingData"],
     "transform": ["PreparedImage", "crop_pixels", "prepare_image", "to_tensor"],

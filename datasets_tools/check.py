@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .crop import compute_crop
 from .formats import SUPPORTED_EXTENSIONS, ImageDecodeError
 from .loading import decode_image
 from .report import DATASET_PATH, Problem, Report, Severity, error, sort_problems, warning
-from .scan import FolderInfo, ImageItem, scan_dataset
+from .scan import FolderInfo, ImageItem, ScanLimits, scan_dataset
 
 # Beyond this enlargement an image is mostly interpolation; training on it
 # teaches blur, so it has to be replaced or removed rather than warned about.
@@ -38,14 +39,17 @@ def check_dataset(
     caption_extension: str = ".txt",
     progress: bool = False,
     workers: int | None = None,
+    limits: ScanLimits | None = None,
+    cancel: threading.Event | None = None,
 ) -> Report:
     """Scan and fully decode every image under `root`; list every problem.
 
     `config` defaults to 512 px aspect buckets. Never raises for bad content;
-    raises UserError only for invalid options (bad caption extension).
+    raises UserError for invalid options (bad caption extension) and
+    `ScanStopped` when the folder walk is refused, too big or cancelled.
     """
     config = config or BucketConfig()
-    scan = scan_dataset(root, caption_extension)
+    scan = scan_dataset(root, caption_extension, limits, cancel)
     problems: list[Problem] = list(scan.problems)
     buckets = make_buckets(config)
     workers = workers or min(4, os.cpu_count() or 1)

@@ -1,6 +1,7 @@
 """`python -m datasets_tools check DIR [--json]`: the dataset report on the command line.
 
-Exit status: 0 trainable (warnings allowed), 1 not trainable, 2 invalid options.
+Exit status: 0 trainable (warnings allowed), 1 not trainable, 2 invalid options
+or a folder that is not a dataset (a system folder, or past the scan limits).
 No traceback reaches the user: bad content becomes report lines, bad options a
 one-line message.
 """
@@ -15,6 +16,7 @@ from trainer.errors import UserError
 
 from .buckets import BucketConfig
 from .check import check_dataset
+from .scan import ScanLimits
 
 EXIT_TRAINABLE, EXIT_NOT_TRAINABLE, EXIT_USAGE = 0, 1, 2
 
@@ -34,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-upscale", action="store_true",
                        help="give small images a bucket of their own size instead of enlarging")
     check.add_argument("--caption-extension", default=".txt")
+    defaults = ScanLimits()
+    check.add_argument("--max-depth", type=int, default=defaults.max_depth,
+                       help="subfolder levels searched below DIR")
+    check.add_argument("--max-entries", type=int, default=defaults.max_entries,
+                       help="files and folders looked at before the scan stops")
+    check.add_argument("--max-seconds", type=float, default=defaults.max_seconds,
+                       help="time the folder walk may take")
     return parser
 
 
@@ -44,8 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             resolution=args.resolution, enabled=not args.no_buckets, step=args.bucket_step,
             min_side=args.min_bucket, max_side=args.max_bucket, no_upscale=args.no_upscale,
         )
+        limits = ScanLimits(args.max_depth, args.max_entries, args.max_seconds)
         report = check_dataset(args.directory, config, caption_extension=args.caption_extension,
-                               progress=not args.json and sys.stderr.isatty())
+                               progress=not args.json and sys.stderr.isatty(), limits=limits)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

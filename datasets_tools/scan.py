@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,28 @@ from .formats import (
     read_header,
 )
 from .report import DATASET_PATH, Problem, error, warning
+from .scan_limits import ScanBudget, ScanLimits, ScanStopped, refuse_system_folder
+
+__all__ = ["FolderInfo", "ImageItem", "ScanLimits", "ScanResult", "ScanStopped",
+           "normalise_caption_extension", "scan_dataset"]
 
 # kohya convention: "10_sks dog" = 10 repeats of every image, class token "sks dog".
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 FALLBACK_CAPTION_EXTENSION = ".caption"
 # Written by operating systems and archivers, never meant as training data.
 _SILENTLY_IGNORED = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+# A caption is written next to its image with this extension (GUI caption edits,
+# trigger words), so an extension that other programs execute or load would
+# turn a caption edit into a file they trust.
+_CAPTION_EXTENSION = re.compile(r"\.[a-z0-9][a-z0-9_]{0,15}")
+_NOT_CAPTION_EXTENSIONS = frozenset({
+    ".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".gguf", ".pkl", ".pickle",
+    ".npy", ".npz", ".h5", ".msgpack", ".py", ".pyc", ".pyw", ".sh", ".bash", ".zsh", ".fish",
+    ".bat", ".cmd", ".com", ".exe", ".dll", ".so", ".dylib", ".msi", ".scr", ".lnk",
+    ".ps1", ".psm1", ".vbs", ".js", ".mjs", ".cjs", ".ts", ".jar", ".php", ".pl", ".rb",
+    ".desktop", ".toml", ".json", ".jsonl", ".yaml", ".yml", ".ini", ".cfg", ".conf", ".xml",
+    ".html", ".htm", ".svg", ".zip", ".tar", ".gz", ".7z", ".rar",
+})
 
 
 @dataclass(frozen=True)
@@ -75,32 +92,47 @@ class _Context:
 
 
 def normalise_caption_extension(extension: str) -> str:
+    """`extension` lower-cased with its dot, or UserError if captions cannot use it."""
     ext = extension.strip().lower()
     ext = ext if ext.startswith(".") else f".{ext}"
-    if ext == "." or ext in SUPPORTED_EXTENSIONS or ext in UNSUPPORTED_EXTENSIONS:
+    if not _CAPTION_EXTENSION.fullmatch(ext):
         raise UserError(
-            f"Caption extension {extension!r} is not usable: give a text extension such as .txt."
-        )
+            f"Caption extension {extension!r} is not usable: give a short extension of "
+            "letters and digits, such as .txt (kohya's default), .caption or .tags.")
+    if ext in SUPPORTED_EXTENSIONS | UNSUPPORTED_EXTENSIONS | _NOT_CAPTION_EXTENSIONS:
+        raise UserError(
+            f"Caption extension {extension!r} is not usable: it is the extension of an image, "
+            "model, script or config file, and caption files are written next to the images "
+            "with it; use .txt (kohya's default), .caption or .tags.")
     return ext
 
 
-def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt") -> ScanResult:
+def scan_dataset(
+    root: str | os.PathLike[str],
+    caption_extension: str = ".txt",
+    limits: ScanLimits | None = None,
+    cancel: threading.Event | None = None,
+) -> ScanResult:
     """Find every image under `root` (recursively) with its caption and repeats.
 
     Never raises for bad content: problems are collected in `ScanResult.problems`.
-    Raises UserError only for an invalid caption extension.
+    Raises UserError for an invalid caption extension, and ScanStopped for a
+    system folder, a walk past `limits` or a set `cancel`.
     """
     caption_exts = (normalise_caption_extension(caption_extension),)
     if caption_exts[0] != FALLBACK_CAPTION_EXTENSION:
         caption_exts += (FALLBACK_CAPTION_EXTENSION,)
     root_path = Path(root).absolute()
+    refuse_system_folder(root_path)
     result = ScanResult(root_path)
     if not root_path.is_dir():
         what = "is not a folder" if root_path.exists() else "does not exist"
         result.error("missing_folder", DATASET_PATH, f"dataset folder {root_path} {what}")
         return result
     context = _context_for(root_path.name, "", None)
-    _scan_folder(root_path, "", context, caption_exts, result, {os.path.realpath(root_path)})
+    budget = ScanBudget(root_path, limits or ScanLimits(), cancel)
+    _scan_folder(root_path, "", context, caption_exts, result, {os.path.realpath(root_path)},
+                 budget)
     return result
 
 
@@ -120,14 +152,12 @@ def _scan_folder(
     caption_exts: tuple[str, ...],
     result: ScanResult,
     visited: set[str],
+    budget: ScanBudget,
 ) -> None:
     label = rel or DATASET_PATH
+    budget.enter(rel)
     try:
-        entries = sorted(
-            (e for e in os.scandir(folder)
-             if not e.name.startswith(".") and e.name not in _SILENTLY_IGNORED),
-            key=lambda e: e.name,
-        )
+        entries = sorted(_visible_entries(folder, budget), key=lambda e: e.name)
     except OSError as exc:
         result.error("unreadable", label, f"folder cannot be read ({exc.strerror})")
         return
@@ -142,22 +172,10 @@ def _scan_folder(
                        "0 repeats in the folder name: nothing in this folder is used")
         return
 
-    images, captions, others, subfolders = [], {}, [], []
-    for entry in entries:
-        if _is_dir(entry):
-            subfolders.append(entry)
-            continue
-        ext = os.path.splitext(entry.name)[1].lower()
-        stem = os.path.splitext(entry.name)[0]
-        if ext in SUPPORTED_EXTENSIONS or ext in UNSUPPORTED_EXTENSIONS:
-            images.append((entry, stem, ext))
-        elif ext in caption_exts:
-            captions.setdefault(stem, {})[ext] = entry
-        else:
-            others.append(ext or "(no extension)")
-
+    images, captions, others, subfolders = _classify(entries, caption_exts)
     uncaptioned: list[tuple[str, str]] = []
     for entry, stem, ext in images:
+        budget.check()  # header reads are slow on network drives
         file_rel = f"{rel}/{entry.name}" if rel else entry.name
         by_ext = captions.get(stem, {})
         caption_entry = next((by_ext[e] for e in caption_exts if e in by_ext), None)
@@ -169,18 +187,7 @@ def _scan_folder(
         if caption_entry is None:  # an unreadable caption file is reported on its own
             uncaptioned.append((file_rel, stem))
     _report_uncaptioned(uncaptioned, len(images), label, caption_exts[0], context, result)
-
-    image_stems = {stem for _, stem, _ in images}
-    for stem, by_ext in captions.items():
-        if stem not in image_stems:
-            for entry in by_ext.values():
-                cap_rel = f"{rel}/{entry.name}" if rel else entry.name
-                result.warning("orphan_caption", cap_rel, "caption without an image; ignored")
-    if others:
-        kinds = ", ".join(sorted(set(others)))
-        files = f"{len(others)} file{'s' if len(others) != 1 else ''}"
-        result.warning("ignored_files", label,
-                       f"{files} ignored: neither images nor captions ({kinds})")
+    _report_leftovers({stem for _, stem, _ in images}, captions, others, rel, result)
 
     for entry in subfolders:
         real = os.path.realpath(entry.path)
@@ -189,7 +196,55 @@ def _scan_folder(
         sub_rel = f"{rel}/{entry.name}" if rel else entry.name
         sub_context = _context_for(entry.name, sub_rel, context)
         _scan_folder(Path(entry.path), sub_rel, sub_context, caption_exts, result,
-                     visited | {real})
+                     visited | {real}, budget)
+
+
+def _classify(entries: list[os.DirEntry[str]], caption_exts: tuple[str, ...]):
+    """(images as (entry, stem, ext), captions by stem and ext, other extensions, folders)."""
+    images, captions, others, subfolders = [], {}, [], []
+    for entry in entries:
+        if _is_dir(entry):
+            subfolders.append(entry)
+            continue
+        stem, ext = os.path.splitext(entry.name)
+        ext = ext.lower()
+        if ext in SUPPORTED_EXTENSIONS or ext in UNSUPPORTED_EXTENSIONS:
+            images.append((entry, stem, ext))
+        elif ext in caption_exts:
+            captions.setdefault(stem, {})[ext] = entry
+        else:
+            others.append(ext or "(no extension)")
+    return images, captions, others, subfolders
+
+
+def _report_leftovers(
+    image_stems: set[str],
+    captions: dict[str, dict[str, os.DirEntry[str]]],
+    others: list[str],
+    rel: str,
+    result: ScanResult,
+) -> None:
+    for stem, by_ext in captions.items():
+        if stem not in image_stems:
+            for entry in by_ext.values():
+                cap_rel = f"{rel}/{entry.name}" if rel else entry.name
+                result.warning("orphan_caption", cap_rel, "caption without an image; ignored")
+    if others:
+        kinds = ", ".join(sorted(set(others)))
+        files = f"{len(others)} file{'s' if len(others) != 1 else ''}"
+        result.warning("ignored_files", rel or DATASET_PATH,
+                       f"{files} ignored: neither images nor captions ({kinds})")
+
+
+def _visible_entries(folder: Path, budget: ScanBudget) -> list[os.DirEntry[str]]:
+    # Counted while listing, so one folder of millions of files stops early too.
+    visible = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            budget.tick()
+            if not entry.name.startswith(".") and entry.name not in _SILENTLY_IGNORED:
+                visible.append(entry)
+    return visible
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

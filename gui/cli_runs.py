@@ -13,6 +13,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 from gui.datadir import REPO
@@ -21,6 +23,8 @@ from gui.datadir import REPO
 # so the error may follow a bar fragment ending in ']' on the same line.
 _ERROR = re.compile(r"(?:^|(?<=[\r\n\]]))error: (.*)\Z", re.DOTALL)
 _OOM_HINTS = ("out of memory", "outofmemoryerror", "cannot allocate memory", "memoryerror")
+CANCEL_POLL_SECONDS = 0.2
+CANCELLED = -2  # the returncode of a run stopped by its cancel switch
 OOM_ADVICE = (
     "Lower train.batch_size or dataset.resolution, turn on train.gradient_checkpointing, "
     "use the low-vram preset, or close other programs using the memory."
@@ -48,17 +52,34 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(command: list[str], what: str, timeout: float = 3600) -> CliResult:
-    """Run a CLI to completion. Its failures are returned, not raised: each
-    caller decides what an exit status means (`check` exits 1 for "not trainable")."""
-    try:
-        done = subprocess.run(
-            command, cwd=REPO, env=child_env(), capture_output=True, text=True,
-            errors="replace", timeout=timeout, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return CliResult(-1, "", f"error: {what} took longer than {timeout:.0f} s and was stopped.")
-    return CliResult(done.returncode, done.stdout, done.stderr)
+def run_cli(command: list[str], what: str, timeout: float = 3600,
+            cancel: threading.Event | None = None) -> CliResult:
+    """Run a CLI to completion, or until `cancel` is set (the child is then
+    killed). Its failures are returned, not raised: each caller decides what
+    an exit status means (`check` exits 1 for "not trainable")."""
+    process = subprocess.Popen(
+        command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, errors="replace", stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stdout, stderr = process.communicate(timeout=CANCEL_POLL_SECONDS)
+            return CliResult(process.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            pass  # retrying communicate() loses no output
+        if cancel is not None and cancel.is_set():
+            _end(process)
+            return CliResult(CANCELLED, "", f"error: {what} was cancelled; nothing was changed.")
+        if time.monotonic() > deadline:
+            _end(process)
+            return CliResult(-1, "", f"error: {what} took longer than {timeout:.0f} s and was "
+                                     "stopped.")
+
+
+def _end(process: subprocess.Popen) -> None:
+    process.kill()
+    process.communicate()
 
 
 def error_message(output: str) -> str | None:

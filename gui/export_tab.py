@@ -3,14 +3,11 @@ and copy to another app's LoRA folder."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
 from gui import exports, views
 from gui.handlers import Context, reports_to
-from gui.safetensors_meta import copy_to_folder, read_metadata, update_metadata
-from trainer.errors import UserError
+from gui.safetensors_meta import read_metadata, update_metadata
 
 
 def build(ctx: Context, tab) -> None:
@@ -48,28 +45,26 @@ def build(ctx: Context, tab) -> None:
         report = exports.inspect(path)
         meta = report["metadata"]
         return {summary: exports.summary(report), status: "",
-                download: str(exports.servable(Path(path), ctx.dirs)),
+                download: str(exports.download(path, ctx.dirs)),
                 **{box: meta.get(key, "") for box, (_, key) in zip(fields, exports.EDITABLE,
                                                                     strict=True)}}
 
     @reports_to(status)
     def on_save(path: str | None, *values: str):
-        if not path or not Path(path).is_file():
-            raise UserError("Pick an adapter file first.")
-        update_metadata(path, {key: value.strip() for (_, key), value in
+        file = ctx.paths.writable_adapter(path or "")
+        update_metadata(file, {key: value.strip() for (_, key), value in
                                zip(exports.EDITABLE, values, strict=True)})
-        meta = read_metadata(path)
-        return {status: views.ok(f"Saved the metadata of {Path(path).name}; its tensor data "
-                                 "and hashes are unchanged."),
-                download: str(exports.servable(Path(path), ctx.dirs)),
+        meta = read_metadata(file)
+        return {status: views.ok(f"Saved the metadata of {file.name}; its tensor data and "
+                                 "hashes are unchanged."),
+                download: str(exports.servable(file, ctx.dirs)),
                 **{box: meta.get(key, "") for box, (_, key) in zip(fields, exports.EDITABLE,
                                                                     strict=True)}}
 
     @reports_to(status)
     def on_copy(path: str | None, target: str, replace: bool):
-        if not path or not Path(path).is_file():
-            raise UserError("Pick an adapter file first.")
-        return {status: views.ok(f"Copied to {copy_to_folder(path, target, replace)}.")}
+        copied = exports.copy_to_folder(path or "", target, replace)
+        return {status: views.ok(f"Copied to {copied}.")}
 
     refresh.click(on_refresh, None, [file, status], api_name="list_adapters")
     tab.select(on_refresh, None, [file, status], api_visibility="private")

@@ -1,5 +1,6 @@
-"""Adapter files the runs produced, their summaries, and handing files to
-the browser."""
+"""Adapter files the runs produced, their summaries, and handing them out:
+to the browser, or copied into another app's LoRA folder. Only adapter files
+(by their header) leave this way; `gui.paths` has the rules."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from gui import views
+from gui import paths, views
 from gui.cli_runs import explain_failure, python_module, run_cli
 from gui.datadir import DataDirs
 from gui.jobs import JobRunner
+from trainer.atomic import atomic_writer
 from trainer.errors import UserError
 
 # The metadata fields the Export tab edits: (label, ModelSpec key).
 EDITABLE = (("Title", "modelspec.title"), ("Trigger words", "modelspec.trigger_phrase"),
             ("Description", "modelspec.description"))
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SUMMARY_KEYS = ("modelspec.architecture", "modelspec.title", "modelspec.trigger_phrase",
                  "modelspec.description", "modelspec.resolution", "ss_sd_model_name",
                  "ss_steps", "ss_network_module", "ss_network_args")
@@ -43,9 +46,7 @@ def label(path: Path) -> str:
 
 def inspect(path: str) -> dict:
     """`python -m networks inspect FILE --json` (imports torch, so a child)."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"{path} is not a file; pick an adapter from the list.")
+    file = paths.adapter_file(path)
     result = run_cli(python_module("networks", "inspect", str(file), "--json"),
                      "Inspecting the file", timeout=600)
     if result.returncode not in (0, 1):  # 1: it found problems, and lists them
@@ -76,11 +77,21 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def download(path: str, dirs: DataDirs) -> Path:
+    """The adapter `path` as a file the browser may fetch."""
+    return servable(paths.adapter_file(path), dirs)
+
+
 def servable(path: Path, dirs: DataDirs) -> Path:
-    """A path the browser may fetch: Gradio serves only from allowed folders
-    (the data folder, the working folder, the temp folder), so a file
-    elsewhere, e.g. in a custom output.dir, is copied next to the data first."""
+    """A file the app made, as a path the browser may fetch: an adapter, or a
+    preview image of a run. Gradio serves a returned file when it is in the
+    data folder (`allowed_paths`), the working folder or the temp folder (it
+    copies it into its upload folder); a file elsewhere, e.g. in a custom
+    output.dir, is copied next to the data first. Nothing else is ever
+    returned, so no request can make Gradio serve another file."""
     resolved = path.resolve()
+    if not _is_preview(resolved):
+        resolved = paths.adapter_file(str(resolved), "only adapter files and previews are served")
     allowed = (dirs.root.resolve(), Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve())
     if any(resolved.is_relative_to(folder) for folder in allowed):
         return resolved
@@ -93,3 +104,20 @@ def servable(path: Path, dirs: DataDirs) -> Path:
         shutil.copyfile(resolved, tmp)
         os.replace(tmp, copy)
     return copy
+
+
+def _is_preview(path: Path) -> bool:
+    """A PNG in a run's samples/ folder (trainer/preview.py names them stepNNNNNN-K.png)."""
+    if path.parent.name != "samples" or path.suffix != ".png" or not path.is_file():
+        return False
+    with open(path, "rb") as file:
+        return file.read(8) == _PNG_SIGNATURE
+
+
+def copy_to_folder(path: str | os.PathLike, folder: str, overwrite: bool) -> Path:
+    """Copy an adapter into e.g. A1111's or ComfyUI's models/Lora, atomically."""
+    source = paths.adapter_file(path)
+    target = paths.copy_target(source, folder, overwrite)
+    with atomic_writer(target) as out, open(source, "rb") as data:
+        shutil.copyfileobj(data, out, 1 << 20)
+    return target

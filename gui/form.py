@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from trainer.config import SECTIONS, TrainConfig, load_config
+from trainer.config import require_paths as check_paths
+from trainer.config_io import without_sources
 from trainer.errors import UserError
 
 
@@ -94,8 +96,10 @@ def config_to_values(config: TrainConfig) -> list[Any]:
     return values
 
 
-def values_to_config(values: Sequence[Any], base: Path | None = None) -> TrainConfig:
-    """Validate the inputs' values (on top of `base`, a TOML file) into a config.
+def values_to_config(values: Sequence[Any], base: Path | None = None,
+                     require_paths: bool = False) -> TrainConfig:
+    """Validate the inputs' values (on top of `base`, a TOML file) into a config;
+    with `require_paths`, also the files a run reads (trainer.config.require_paths).
 
     Raises UserError with every problem, each naming its key."""
     overrides, problems = [], []
@@ -108,9 +112,14 @@ def values_to_config(values: Sequence[Any], base: Path | None = None) -> TrainCo
     if problems:
         raise UserError(" ".join(problems))
     try:
-        return load_config(base, overrides)
+        config = load_config(base, overrides)
+        if require_paths:
+            check_paths(config)
+        return config
     except UserError as error:
-        raise UserError(_without_origins(str(error), overrides)) from None
+        # load_config names the `--set` that gave each bad value; in the page
+        # the key at the start of the rest of the sentence says it better.
+        raise UserError(without_sources(str(error), overrides)) from None
 
 
 def overrides_between(base: TrainConfig, config: TrainConfig) -> list[str]:
@@ -170,11 +179,3 @@ def _reads_back_bare(text: str) -> bool:
         return not isinstance(tomllib.loads(f"v = {text}")["v"], str)
     except tomllib.TOMLDecodeError:
         return True
-
-
-def _without_origins(message: str, overrides: list[str]) -> str:
-    # load_config names the `--set` that gave each bad value; in the page the
-    # key at the start of the rest of the sentence says it better.
-    for override in overrides:
-        message = message.replace(f"--set {override}: ", "")
-    return message.replace("--set options: ", "")

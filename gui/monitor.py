@@ -1,6 +1,7 @@
 """The Train tab's live view: status, progress, loss plot, previews and log
-of the current (else the latest) job, redrawn by a timer only when something
-changed, so an idle page costs nothing and plots do not flicker."""
+of the current (else the latest) job, and the jobs Resume can continue,
+redrawn by a timer only when something changed, so an idle page costs
+nothing and plots do not flicker."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from gui import views
 from gui.jobs import Job, JobRunner, Status
+from gui.presets import saved_step
 from gui.run_files import (
     MetricsReader,
     log_lines,
@@ -34,7 +36,20 @@ class Monitor:
         self._readers: dict[int, MetricsReader] = {}
 
     def shown_job(self) -> Job | None:
-        return self.runner.current() or self.runner.latest()
+        """The running job, else the latest that ran: one that never started
+        (cancelled, or left queued by a closed app) has nothing to show."""
+        jobs = self.runner.jobs()
+        ran = [j for j in jobs if j.started_at is not None]
+        return self.runner.current() or (ran or jobs or [None])[-1]
+
+    def resume_choices(self) -> list[tuple[str, int]]:
+        """(label, job id) of what Resume can continue, newest first."""
+        choices = []
+        for job in self.runner.resumable():
+            step = saved_step(Path(job.output_dir))
+            saved = f"saved at step {step}" if step is not None else "no saved state"
+            choices.append((f"Job {job.id}: {job.name} ({job.status.value}, {saved})", job.id))
+        return choices
 
     def signature(self) -> tuple:
         """Changes whenever anything on screen would."""

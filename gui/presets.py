@@ -22,11 +22,29 @@ def choices(dirs: DataDirs) -> list[tuple[str, str]]:
     return bundled + mine
 
 
+def chosen(path: str | None, dirs: DataDirs) -> Path:
+    """`path` if it is one of `choices` (bundled or saved here): the page
+    reads no other TOML file as a preset."""
+    if not path:
+        raise UserError("Choose a preset first.")
+    offered = {Path(value).resolve() for _, value in choices(dirs)}
+    resolved = Path(path).resolve()
+    if resolved not in offered:
+        raise UserError(f"{path} is not one of the presets offered here (the bundled ones and "
+                        f"those saved in {dirs.presets}); choose one from the list.")
+    return resolved
+
+
+def base_path(preset: str | None, dirs: DataDirs) -> Path:
+    """The TOML a run started from the page builds on: the chosen preset, or
+    the schema defaults when none is chosen."""
+    return chosen(preset, dirs) if preset else dirs.base_config
+
+
 def load(path: str, dirs: DataDirs) -> TrainConfig:
     """A preset as a full config; without its own output.dir, runs go to the
     app's outputs folder (where the Export tab looks)."""
-    if not path:
-        raise UserError("Choose a preset first.")
+    path = str(chosen(path, dirs))
     config = load_config(path)
     with open(path, "rb") as file:
         gives_dir = "dir" in tomllib.load(file).get("output", {})

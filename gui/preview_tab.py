@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from gui import exports, views
+from gui import exports, paths, views
 from gui.cli_runs import explain_failure, python_module, run_cli
 from gui.handlers import Context, reports_to
 from trainer.errors import UserError
@@ -29,9 +29,9 @@ def sample_arguments(model: str, loras: str, lcm: str, decoder: str, prompt: str
             "--seed", str(int(seed or 0)), "--out", str(out)]
     for line in loras.splitlines():
         if line.strip():
-            args += ["--lora", line.strip()]
+            args += ["--lora", adapter_argument(line.strip(), "--lora")]
     if lcm.strip():
-        args += ["--lcm-lora", lcm.strip()]
+        args += ["--lcm-lora", adapter_argument(lcm.strip(), "--lcm-lora")]
     if decoder.strip():
         args += ["--preview-decoder", decoder.strip()]
     if steps not in (None, ""):
@@ -39,6 +39,16 @@ def sample_arguments(model: str, loras: str, lcm: str, decoder: str, prompt: str
     if guidance not in (None, ""):
         args += ["--guidance", str(float(guidance))]
     return args
+
+
+def adapter_argument(text: str, option: str) -> str:
+    """FILE or FILE:WEIGHT, parsed as the sample CLI does; an existing file
+    must be a LoRA/LyCORIS adapter, so the page never has another file read
+    as one. A missing file is left to the CLI, which says so."""
+    file = text if Path(text).is_file() or ":" not in text else text.rpartition(":")[0]
+    if Path(file).is_file():
+        paths.adapter_file(file, f"{option} takes a LoRA .safetensors file")
+    return text
 
 
 def build(ctx: Context, tab) -> None:

@@ -52,12 +52,21 @@ class MetricsReader:
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits
         self._offset += len(complete)
         for line in complete.decode("utf-8", "replace").splitlines():
-            if line.strip():
-                self.rows.append(_metric(json.loads(line)))
+            if line.strip() and (metric := _metric(line)) is not None:
+                self.rows.append(metric)
         return self.rows
 
 
-def _metric(record: dict) -> Metric:
+def _metric(line: str) -> Metric | None:
+    """One line's metric; a line that is not one (a disk that filled up
+    mid-line, a file edited by hand) is left out rather than stopping the view."""
+    try:
+        return _from_record(json.loads(line))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _from_record(record: dict) -> Metric:
     return Metric(
         step=int(record["step"]), loss=float(record.get("loss", float("nan"))),
         lr=float(record.get("lr", 0.0)), it_s=float(record.get("it_s", 0.0)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -20,6 +21,13 @@ from trainer.errors import UserError
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 ALIGN = 8  # safetensors pads the header with spaces so the data starts aligned
+# kohya/LyCORIS adapter tensor names: `<prefix><module>.<tensor>`. A base model,
+# a training state or any other file has other names, so the page never hands
+# out, copies or edits one as if it were an adapter.
+_ADAPTER_KEY = re.compile(
+    r"(lora_unet|lora_te[12]?|lycoris)_[A-Za-z0-9_]+\."
+    r"(lora_(down|up|mid)\.weight|alpha|dora_scale|scale|hada_w[12]_[ab]|hada_t[12]"
+    r"|lokr_w[12](_[ab])?|lokr_t[12]|diff|diff_b|oft_(blocks|diag)|rescale|[wb]_norm)")
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
@@ -39,6 +47,32 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     if not isinstance(header, dict):
         raise UserError(f"{path.name} is not a .safetensors file (the header is not a table).")
     return header, 8 + length
+
+
+def adapter_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a LoRA/LyCORIS adapter file, or None if it is one."""
+    path = Path(path)
+    try:
+        header, data_start = read_header(path)
+        size = path.stat().st_size
+    except UserError:
+        return "it is not a .safetensors file"
+    except OSError as error:
+        return f"it cannot be read: {error.strerror or error}"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        return "it holds no tensors"
+    for key, info in tensors.items():
+        if not _ADAPTER_KEY.fullmatch(key):
+            return f"its tensor {key[:80]!r} is not a LoRA/LyCORIS tensor name"
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets)):
+            return f"the header entry of {key[:80]!r} has no valid data_offsets"
+    end = max(info["data_offsets"][1] for info in tensors.values())
+    if data_start + end != size:
+        return f"the header describes {data_start + end} bytes but the file has {size}"
+    return None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -63,20 +97,3 @@ def update_metadata(path: str | os.PathLike, changes: dict[str, str]) -> None:
         out.write(struct.pack("<Q", len(encoded)) + encoded)
         source.seek(data_start)
         shutil.copyfileobj(source, out, 1 << 20)
-
-
-def copy_to_folder(path: str | os.PathLike, folder: str, overwrite: bool) -> Path:
-    """Copy an adapter into e.g. A1111's or ComfyUI's models/Lora, atomically."""
-    source = Path(path)
-    target_dir = Path(folder.strip()).expanduser()
-    if not folder.strip() or not target_dir.is_dir():
-        raise UserError(f"{target_dir} is not an existing folder; enter e.g. "
-                        "/path/to/stable-diffusion-webui/models/Lora.")
-    target = target_dir / source.name
-    if target.resolve() == source.resolve():
-        raise UserError(f"{target} is the file itself; choose another folder.")
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; tick 'Overwrite' to replace it.")
-    with atomic_writer(target) as out, open(source, "rb") as data:
-        shutil.copyfileobj(data, out, 1 << 20)
-    return target

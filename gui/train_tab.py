@@ -11,7 +11,7 @@ from gui import exports, presets, views
 from gui.datasets import check
 from gui.form import KEYS, SPECS, config_to_values, overrides_between, values_to_config
 from gui.handlers import Context, reports_to
-from gui.jobs import Status
+from gui.jobs import Job, Status
 from gui.monitor import Monitor
 from trainer.config import (
     DEMO,
@@ -21,7 +21,6 @@ from trainer.config import (
     load_config,
     output_dir,
     preset_paths,
-    require_paths,
 )
 from trainer.errors import UserError
 
@@ -49,6 +48,18 @@ def loss_frame(metrics):
                          "loss": pd.Series([m.loss for m in metrics], dtype="float64")})
 
 
+def pick_resumable(ids: tuple[int, ...], seen: tuple[int, ...] | None, chosen) -> int | None:
+    """The picker's value after the resumable jobs changed: a job that just
+    became resumable (the one the user just stopped), else the user's choice
+    while it is still offered, else the newest."""
+    fresh = [i for i in ids if seen is not None and i not in seen]
+    if fresh:
+        return max(fresh)
+    if seen is not None and str(chosen) in map(str, ids):
+        return int(chosen)
+    return ids[0] if ids else None
+
+
 def kind_of(task: str, network_type: str) -> str:
     return "lcm_distill" if task == "lcm_distill" else network_type
 
@@ -60,19 +71,15 @@ def fields_of_kind(kind: str) -> tuple[str, str]:
 
 
 def validated(values) -> TrainConfig:
-    config = values_to_config(values)
-    require_paths(config)
-    return config
+    return values_to_config(values, require_paths=True)
 
 
 def start_job(ctx: Context, preset: str | None, values) -> str:
     """Validate everything the page can check, then queue the run."""
+    base_path = presets.base_path(preset, ctx.dirs)  # refuses a file that is no preset
     config = validated(values)
     folder = output_dir(config)
-    busy = [j for j in ctx.runner.jobs() if j.status.active and Path(j.output_dir) == folder]
-    if busy:
-        raise UserError(f"Job {busy[0].id} already writes to {folder}; wait for it or change "
-                        "output.name.")
+    ctx.runner.check_free(folder)  # a job of this app, or a trainer it does not know, there
     if presets.holds_run(folder):
         raise UserError(f"{folder} already holds an earlier run of {config.output.name}. Press "
                         "Resume to continue it, or change output.name to start a new one "
@@ -90,12 +97,61 @@ def start_job(ctx: Context, preset: str | None, values) -> str:
             return (views.problem(f"The dataset {d.path} cannot be trained on yet; nothing "
                                   "was started. The report:") + "\n\n"
                     + views.check_report(result.report, tags))
-    base_path = Path(preset) if preset and Path(preset).is_file() else ctx.dirs.base_config
     overrides = overrides_between(load_config(base_path), config)
     job = ctx.runner.submit(str(base_path), overrides, str(folder), config.output.name,
                             config.train.steps)
     waiting = "queued behind the running job" if job.status is Status.QUEUED else "started"
     return views.ok(f"Job {job.id} {waiting}.") + f"\n\n```text\n{job.command_line()}\n```"
+
+
+def resume_job(ctx: Context, job_id, values) -> str:
+    """Resume the chosen job, or without one the run the form describes."""
+    if job_id in (None, ""):
+        job = resume_form_run(ctx, values)
+    else:
+        try:
+            chosen = int(job_id)
+        except (TypeError, ValueError):
+            raise UserError(f"{job_id!r} is not a job; choose one under Job to resume.") from None
+        job = ctx.runner.resume(chosen)
+    waiting = " (queued behind the running job)" if job.status is Status.QUEUED else ""
+    return (views.ok(f"Job {job.id} resumes {job.name}{waiting}.")
+            + f"\n\n```text\n{job.command_line()}\n```")
+
+
+def resume_form_run(ctx: Context, values) -> Job:
+    """Nothing to resume in this app's history: the run in the form's output folder."""
+    config = validated(values)
+    folder = output_dir(config)
+    ctx.runner.check_free(folder)
+    saved = presets.saved_step(folder)
+    if saved is None:
+        raise UserError(f"{folder} holds no saved training state to resume; press Start "
+                        "instead.")
+    if saved >= config.train.steps > 0:
+        raise UserError(f"{config.output.name} already finished its {saved} steps; raise "
+                        "train.steps to train it further, then press Resume.")
+    base = ctx.dirs.base_config
+    return ctx.runner.submit(str(base), overrides_between(load_config(base), config),
+                             str(folder), config.output.name, config.train.steps, resume=True)
+
+
+def live_view(ctx: Context, monitor: Monitor, last_seen, chosen) -> list | None:
+    """The timer's outputs: the seen-state, the job's view and the job picker
+    (skipped while its jobs are the same: a redrawn picker closes under the
+    mouse); None when nothing changed."""
+    signature = monitor.signature()
+    seen_signature, seen_ids = last_seen or (None, None)
+    if signature == seen_signature:
+        return None
+    view = monitor.view()
+    choices = monitor.resume_choices()
+    ids = tuple(value for _, value in choices)
+    picker = gr.skip() if ids == seen_ids else gr.Dropdown(
+        choices=choices, value=pick_resumable(ids, seen_ids, chosen))
+    return [(signature, ids), view["status"], view["progress"], loss_frame(view["metrics"]),
+            [str(exports.servable(Path(p), ctx.dirs)) for p in view["samples"]], view["log"],
+            view["jobs"], picker]
 
 
 def build(ctx: Context, demo_button, welcome) -> None:
@@ -124,6 +180,12 @@ def build(ctx: Context, demo_button, welcome) -> None:
         start = gr.Button("Start", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
         resume = gr.Button("Resume", elem_id="train-resume")
+        # Custom values pass: a page older than the app's job list sends ids
+        # the component does not know, and the runner explains what is wrong.
+        resume_job_id = gr.Dropdown(label="Job to resume", choices=[], value=None, scale=2,
+                                    allow_custom_value=True, elem_id="train-resume-job",
+                                    info="Stopped, failed and interrupted runs; empty: the "
+                                         "run in the form.")
     with gr.Row():
         preset_name = gr.Textbox(label="Preset name", scale=3, elem_id="train-preset-name")
         save = gr.Button("Save preset", scale=1, elem_id="train-save-preset")
@@ -180,28 +242,8 @@ def build(ctx: Context, demo_button, welcome) -> None:
                                  "current step.")}
 
     @reports_to(status)
-    def on_resume(*values):
-        if runner.current() is not None:
-            raise UserError("A job is running; stop it before resuming another.")
-        last = runner.latest()
-        if last is not None and last.status in (Status.STOPPED, Status.FAILED,
-                                                Status.INTERRUPTED):
-            job = runner.resume(last.id)
-        else:  # nothing to resume in this app's history: resume the form's run
-            config = validated(values)
-            saved = presets.saved_step(output_dir(config))
-            if saved is None:
-                raise UserError(f"{output_dir(config)} holds no saved training state to resume; "
-                                "press Start instead.")
-            if saved >= config.train.steps > 0:
-                raise UserError(f"{config.output.name} already finished its {saved} steps; raise "
-                                "train.steps to train it further, then press Resume.")
-            base = ctx.dirs.base_config
-            job = runner.submit(str(base), overrides_between(load_config(base), config),
-                                str(output_dir(config)), config.output.name, config.train.steps,
-                                resume=True)  # fmt: skip
-        return {status: views.ok(f"Job {job.id} resumes {job.name}.")
-                + f"\n\n```text\n{job.command_line()}\n```"}
+    def on_resume(job_id, *values):
+        return {status: resume_job(ctx, job_id, values)}
 
     @reports_to(status)
     def on_save(name: str, *values):
@@ -214,14 +256,14 @@ def build(ctx: Context, demo_button, welcome) -> None:
         return {toml: gr.Code(value=config_to_toml(values_to_config(values)), visible=True),
                 status: ""}
 
-    def refresh(last_seen):
-        signature = monitor.signature()
-        if signature == last_seen:
-            return [gr.skip()] * len(live)
-        view = monitor.view()
-        return [signature, view["status"], view["progress"], loss_frame(view["metrics"]),
-                [str(exports.servable(Path(p), ctx.dirs)) for p in view["samples"]], view["log"],
-                view["jobs"]]
+    def refresh(last_seen, chosen):
+        try:
+            return live_view(ctx, monitor, last_seen, chosen) or [gr.skip()] * len(live)
+        except OSError as error:  # e.g. a log made unreadable: said, and tried again next tick
+            where = f" ({error.filename})" if error.filename else ""
+            return [gr.skip(), views.problem(f"Cannot read the job's files: "
+                                             f"{error.strerror or error}{where}."),
+                    *[gr.skip()] * (len(live) - 2)]
 
     form_out = [*inputs, kind, status]
     preset.input(load_preset, [preset, form["model.path"], form["dataset.path"]], form_out,
@@ -236,8 +278,8 @@ def build(ctx: Context, demo_button, welcome) -> None:
                               welcome, api_visibility="private")
     start.click(on_start, [preset, *inputs], status, api_name="start")
     stop.click(on_stop, None, status, api_name="stop")
-    resume.click(on_resume, inputs, status, api_name="resume")
+    resume.click(on_resume, [resume_job_id, *inputs], status, api_name="resume")
     save.click(on_save, [preset_name, *inputs], [status, preset], api_name="save_preset")
     show.click(on_show, inputs, [toml, status], api_name="show_config")
-    live = [seen, job_md, progress, plot, previews, log, jobs_md]
-    timer.tick(refresh, seen, live, show_progress="hidden", api_name="refresh")
+    live = [seen, job_md, progress, plot, previews, log, jobs_md, resume_job_id]
+    timer.tick(refresh, [seen, resume_job_id], live, show_progress="hidden", api_name="refresh")

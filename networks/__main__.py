@@ -1,4 +1,8 @@
-"""`python -m networks inspect FILE [--json]`."""
+"""`python -m networks inspect FILE [--json]`.
+
+Exit status: 0 the file loads everywhere, 1 problems found (listed in the
+report), 2 the file cannot be read at all (a one-paragraph `error:` line).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import sys
 from trainer.errors import UserError
 
 from .inspect import format_report, inspect_file
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_UNREADABLE = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         report = inspect_file(args.file)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_UNREADABLE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
-    return 1 if report.problems else 0
+    return EXIT_PROBLEMS if report.problems else EXIT_OK
 
 
 if __name__ == "__main__":

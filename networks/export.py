@@ -8,6 +8,7 @@ import os
 
 from torch import nn
 
+from trainer.atomic import DEFAULT_ADVICE
 from trainer.errors import UserError
 
 from .base import Dropout
@@ -17,11 +18,13 @@ from .network import AdapterNetwork, NetworkSpec
 
 
 def export_network(
-    network: AdapterNetwork, path: str | os.PathLike, info: ExportInfo, precision: str = "fp16"
+    network: AdapterNetwork, path: str | os.PathLike, info: ExportInfo, precision: str = "fp16",
+    advice: str = DEFAULT_ADVICE,
 ) -> None:
     if network.spec is None:
         raise ValueError("export needs the NetworkSpec the network was built with")
-    save_network_file(path, network.state_dict(), build_metadata(network.spec, info), precision)
+    metadata = build_metadata(network.spec, info)
+    save_network_file(path, network.state_dict(), metadata, precision, advice)
 
 
 def load_network(

@@ -9,7 +9,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from trainer.atomic import atomic_write_bytes
+from trainer.atomic import DEFAULT_ADVICE, atomic_write_bytes
 from trainer.errors import UserError
 
 from .hashes import legacy_hash, model_hash, tensor_data
@@ -45,7 +45,9 @@ def save_network_file(
     state_dict: dict[str, torch.Tensor],
     metadata: dict[str, str],
     precision: str = "fp16",
+    advice: str = DEFAULT_ADVICE,
 ) -> None:
+    """Write the file atomically; a failed write is a UserError ending in `advice`."""
     tensors = to_file_tensors(state_dict, precision)
     bad = [k for k, v in tensors.items() if not torch.isfinite(v.float()).all()]
     if bad:
@@ -53,7 +55,7 @@ def save_network_file(
             f"Not saving {path}: {len(bad)} tensors hold NaN/Inf values (e.g. {bad[0]}); "
             "the training diverged, lower the learning rate."
         )
-    atomic_write_bytes(path, serialize(tensors, metadata))
+    atomic_write_bytes(path, serialize(tensors, metadata), advice)
 
 
 def read_network_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -22,6 +22,7 @@ from trainer.config import (
     preset_paths,
     require_paths,
 )
+from trainer.config_io import without_sources
 from trainer.errors import UserError
 
 PRESETS = preset_paths()
@@ -133,6 +134,44 @@ ERROR_CASES = {
     "override with a bad value": (
         "[train]\nsteps = 5", ("train.steps=abc",),
         '--set train.steps=abc: train.steps = "abc" should be a whole number.'),
+    # A section's cross-field rule names the sources of the keys it names.
+    "rule broken by an override and the file": (
+        "[train]\nsteps = 100", ("train.epochs=2",),
+        "--set train.epochs=2 and {file}: train.steps = 100 and train.epochs = 2: set exactly "
+        "one of them above 0 (the other to 0)."),
+    "rule broken by an override alone": (
+        "[train]\nsteps = 5", ("dataset.resolution=128",),
+        "--set dataset.resolution=128: dataset.min_bucket (256) <= dataset.resolution (128) "
+        "<= dataset.max_bucket (1024) does not hold; change one of them, or set "
+        "dataset.buckets = false."),
+    "rule broken by two overrides": (
+        "", ("network.train_unet=false", "network.train_text_encoder=false"),
+        "--set network.train_unet=false and --set network.train_text_encoder=false: "
+        "network.train_unet and network.train_text_encoder are both false..."),
+    "rule of one key given with --set": (
+        '[output]\nname = "ok"', ("output.name=a/b",),
+        '--set output.name=a/b: output.name = "a/b" is not a safe file name...'),
+    "rule broken by the file, overrides elsewhere": (
+        "[lcm]\nw_min = 20.0", ("train.steps=3",),
+        "{file}: lcm.w_min (20.0) is above lcm.w_max (15.0)."),
+    "list item given with --set": (
+        '[sample]\nprompts = ["a"]', ("sample.prompts=[\"b\", 2]",),
+        '--set sample.prompts=["b", 2]: sample.prompts[1] = 2 should be text in double '
+        'quotes, e.g. "x".'),
+    "list item in the file": (
+        "[sample]\nprompts = [1]", ("sample.steps=3",),
+        '{file}: sample.prompts[0] = 1 should be text in double quotes, e.g. "x".'),
+    "whole section given with --set, bad item": (
+        "[sample]\nsteps = 3", ("sample={prompts=[1]}",),
+        '--set sample={prompts=[1]}: sample.prompts[0] = 1 should be text in double quotes, '
+        'e.g. "x".'),
+    "whole section given with --set, unknown key": (
+        "[train]\nsteps = 3", ("train={lerning_rate=1}",),
+        "--set train={lerning_rate=1}: unknown key train.lerning_rate; "
+        "did you mean train.unet_lr?"),
+    "whole section given with --set as a value, then a key in it": (
+        "[model]\npath = \"x\"", ("model=5", "model.path=y"),
+        "--set model.path=y: model is not a section (model = 5, from --set model=5)."),
 }
 
 
@@ -298,17 +337,53 @@ def test_cpu_demo_preset():
 
 
 def test_require_paths(tmp_path):
-    config = load_config(PRESETS["sd15-character-lora"])
+    preset = PRESETS["sd15-character-lora"]
+    with pytest.raises(UserError) as raised:
+        require_paths(load_config(preset))
+    message = str(raised.value)
+    assert message.startswith(f"2 problems in the config: (1) {preset}: model.path is empty: "
+                              "set model.path to your SD1.5 checkpoint (.safetensors) or "
+                              "diffusers folder (in the TOML file or with --set model.path=PATH)")
+    assert f"(2) {preset}: dataset.path is empty" in message
+    config = load_config(PRESETS["cpu-demo"], [f"network.resume_from={tmp_path}/none"])
+    with pytest.raises(UserError, match=rf"^--set network\.resume_from={tmp_path}/none: "
+                                        rf"network\.resume_from = {tmp_path}/none does not exist"):
+        require_paths(config)
+
+
+def test_require_paths_names_the_true_source_of_each_path(tmp_path):
+    path = tmp_path / "cfg.toml"
+    path.write_text('[model]\npath = "m.safetensors"\n[dataset]\npath = "imgs"\n')
+    config = load_config(path, [f"dataset.path={tmp_path}/elsewhere"])
     with pytest.raises(UserError) as raised:
         require_paths(config)
-    message = str(raised.value)
-    assert message.startswith("2 problems in the config: (1) model.path is empty: set "
-                              "model.path to your SD1.5 checkpoint (.safetensors) or "
-                              "diffusers folder")
-    assert "(2) dataset.path is empty" in message
-    config = load_config(PRESETS["cpu-demo"], [f"network.resume_from={tmp_path}/none"])
-    with pytest.raises(UserError, match=r"^network\.resume_from = .* is not a file"):
-        require_paths(config)
+    assert str(raised.value) == (
+        f'2 problems in the config: (1) {path}: model.path = "{tmp_path}/m.safetensors" does '
+        "not exist; set model.path to your SD1.5 checkpoint (.safetensors) or diffusers folder. "
+        f'(2) --set dataset.path={tmp_path}/elsewhere: dataset.path = "{tmp_path}/elsewhere" '
+        "does not exist; set dataset.path to your folder of images (with caption files).")
+    # A config built without load_config has no recorded sources: no origin, same advice.
+    bare = TrainConfig.model_validate({"model": {"path": "demo"}, "dataset": {"path": "/nope"}})
+    with pytest.raises(UserError, match=r'^dataset\.path = "/nope" does not exist; set'):
+        require_paths(bare)
+
+
+def test_sources_can_be_left_out_where_every_value_is_an_override(tmp_path):
+    # The GUI passes its whole form as overrides; there the key says it better.
+    overrides = ["network.train_unet=false", "network.train_text_encoder=false",
+                 'sample.prompts=["a: b and c"]', "train.steps=0"]
+    with pytest.raises(UserError) as raised:
+        load_config(None, overrides)
+    assert without_sources(str(raised.value), overrides) == (
+        "2 problems in the config: (1) network.train_unet and network.train_text_encoder are "
+        "both false: nothing would be trained; set one of them to true. (2) train.steps = 0 "
+        "and train.epochs = 0: set exactly one of them above 0 (the other to 0).")
+    overrides = ["model.path=demo", f"dataset.path={tmp_path}/x"]
+    with pytest.raises(UserError) as raised:
+        require_paths(load_config(None, overrides))
+    assert without_sources(str(raised.value), overrides) == (
+        f'dataset.path = "{tmp_path}/x" does not exist; set dataset.path to your folder of '
+        "images (with caption files).")
 
 
 # --- schema ------------------------------------------------------------------

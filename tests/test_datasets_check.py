@@ -7,13 +7,14 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from datasets_tools import BucketConfig, check_dataset
+from datasets_tools import BucketConfig, ScanLimits, ScanStopped, check_dataset
 from datasets_tools.cli import main
 from tests.datasets_helpers import noise_image, save_image, with_exif_orientation
 
@@ -149,11 +150,39 @@ def test_valid_dataset_is_trainable_with_warnings(tmp_path: Path, capsys) -> Non
     (["--resolution", "500"], "error: Resolution 500 is not a positive multiple of 8"),
     (["--min-bucket", "1024"], "error: Bucket sides must satisfy"),
     (["--caption-extension", ".png"], "error: Caption extension '.png' is not usable"),
+    (["--caption-extension", ".py"], "error: Caption extension '.py' is not usable"),
+    (["--max-depth", "-1"], "error: Scan limits must be a depth of 0 or more"),
+    (["--max-seconds", "0"], "error: Scan limits must be a depth of 0 or more"),
 ])
 def test_cli_invalid_options_exit_2_without_traceback(tmp_path, capsys, args, expected) -> None:
     assert main(["check", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(expected) and "Traceback" not in err
+
+
+def test_cli_refuses_the_filesystem_root_and_a_too_deep_tree_with_exit_2(tmp_path) -> None:
+    save_image(tmp_path / "a" / "b" / "c.png", (128, 128), caption="c")
+    for argv, first_words in ((["check", "/"], "error: Refusing to scan / as a dataset"),
+                              (["check", str(tmp_path), "--max-depth", "1"],
+                               f"error: Stopped scanning {tmp_path}: {tmp_path / 'a' / 'b'} is 2 "
+                               "folder levels below it (the limit is 1).")):
+        done = subprocess.run([sys.executable, "-m", "datasets_tools", *argv], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        assert done.stdout == ""
+        assert done.stderr.startswith(first_words) and done.stderr.count("\n") == 1
+        assert "dataset.path" in done.stderr
+
+
+def test_check_dataset_passes_limits_and_cancel_to_the_scan(tmp_path: Path) -> None:
+    build_valid_dataset(tmp_path)
+    with pytest.raises(ScanStopped, match="more than 2 files and folders"):
+        check_dataset(tmp_path, CONFIG, limits=ScanLimits(max_entries=2))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(ScanStopped, match="cancelled"):
+        check_dataset(tmp_path, CONFIG, cancel=cancel)
+    assert check_dataset(tmp_path, CONFIG, limits=ScanLimits(max_entries=100)).trainable
 
 
 def test_cli_missing_folder_exits_1(tmp_path: Path, capsys) -> None:

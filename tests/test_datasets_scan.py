@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import ImageFile
 
-from datasets_tools import scan_dataset
+from datasets_tools import ScanLimits, ScanStopped, scan_dataset, scan_limits
 from tests.datasets_helpers import save_image
 from trainer.errors import UserError
 
@@ -97,10 +100,113 @@ def test_symlink_loop_does_not_recurse_forever(tmp_path: Path) -> None:
     assert [i.rel_path for i in scan_dataset(tmp_path).items] == ["sub/a.png"]
 
 
-@pytest.mark.parametrize("ext", [".png", "", "."])
+@pytest.mark.parametrize("ext", [".png", "", ".", "a/b", "../x", ".tar.gz", "t xt", ".t\x00t",
+                                 "x" * 17])
 def test_caption_extension_must_be_textual(tmp_path: Path, ext: str) -> None:
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="short extension of letters and digits|image, model"):
         scan_dataset(tmp_path, caption_extension=ext)
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx",
+                                 ".gguf", ".py", "sh", ".bat", ".CMD", ".exe", ".ps1", ".js",
+                                 ".toml", ".json", ".yaml", ".yml", ".html", ".jpeg", ".gif"])
+def test_caption_extension_of_a_model_script_or_config_is_refused(tmp_path: Path, ext) -> None:
+    with pytest.raises(UserError) as raised:
+        scan_dataset(tmp_path, caption_extension=ext)
+    assert str(raised.value) == (
+        f"Caption extension {ext!r} is not usable: it is the extension of an image, model, "
+        "script or config file, and caption files are written next to the images with it; "
+        "use .txt (kohya's default), .caption or .tags.")
+
+
+@pytest.mark.parametrize("ext", ["txt", ".caption", ".TAGS", ".wd14_tags", ".cap2"])
+def test_usual_caption_extensions_are_accepted(tmp_path: Path, ext: str) -> None:
+    save_image(tmp_path / "a.png")
+    (tmp_path / f"a.{ext.lstrip('.').lower()}").write_text("the caption")
+    [item] = scan_dataset(tmp_path, caption_extension=ext).items
+    assert item.caption == "the caption"
+
+
+def nested(root: Path, depth: int) -> Path:
+    folder = root.joinpath(*(f"level{i}" for i in range(1, depth + 1)))
+    save_image(folder / "deep.png", caption="deep")
+    return folder
+
+
+def test_a_tree_deeper_than_the_limit_stops_naming_the_folder(tmp_path: Path) -> None:
+    nested(tmp_path, 3)
+    limits = ScanLimits(max_depth=3)
+    assert [i.rel_path for i in scan_dataset(tmp_path, limits=limits).items] == [
+        "level1/level2/level3/deep.png"]
+    too_deep = nested(tmp_path / "level1", 3)  # 4 levels below the root
+    with pytest.raises(ScanStopped) as raised:
+        scan_dataset(tmp_path, limits=limits)
+    assert str(raised.value) == (
+        f"Stopped scanning {tmp_path}: {too_deep} is 4 folder levels below it (the limit is 3). "
+        "Point dataset.path at the folder that holds your images (and their caption files or "
+        'kohya "N_name" subfolders), not a folder above it; nothing was changed.')
+
+
+def test_more_entries_than_the_limit_stops(tmp_path: Path) -> None:
+    save_image(tmp_path / "a.png", caption="a")
+    for i in range(30):  # hidden files count: they are looked at too
+        (tmp_path / "junk" / f".{i}").parent.mkdir(exist_ok=True)
+        (tmp_path / "junk" / f".{i}").touch()
+    assert len(scan_dataset(tmp_path, limits=ScanLimits(max_entries=40)).items) == 1
+    with pytest.raises(ScanStopped, match=rf"^Stopped scanning {tmp_path}: it holds more "
+                                          r"than 20 files and folders \(the limit\)\."):
+        scan_dataset(tmp_path, limits=ScanLimits(max_entries=20))
+
+
+def test_a_scan_longer_than_the_time_limit_stops(tmp_path: Path, monkeypatch) -> None:
+    for i in range(10):
+        save_image(tmp_path / f"{i}.png", seed=i)
+    clock = iter(range(10_000))  # every look at the clock is one second later
+    monkeypatch.setattr(scan_limits, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    with pytest.raises(ScanStopped, match=r"took more than 5 seconds \(the limit; 6 files"):
+        scan_dataset(tmp_path, limits=ScanLimits(max_seconds=5))
+
+
+def test_a_cancel_set_from_another_thread_stops_the_scan(tmp_path: Path, monkeypatch) -> None:
+    save_image(tmp_path / "a.png")
+    save_image(tmp_path / "b.png", seed=1)
+    cancel, reading = threading.Event(), threading.Event()
+    from datasets_tools import scan as scan_module
+
+    real_read_header = scan_module.read_header
+
+    def slow_read_header(path):  # noqa: ANN001, ANN202
+        reading.set()  # the scan is under way: now the other thread cancels it
+        assert cancel.wait(10)
+        return real_read_header(path)
+
+    monkeypatch.setattr(scan_module, "read_header", slow_read_header)
+    canceller = threading.Thread(target=lambda: reading.wait(10) and cancel.set())
+    canceller.start()
+    with pytest.raises(ScanStopped) as raised:
+        scan_dataset(tmp_path, cancel=cancel)
+    canceller.join()
+    assert str(raised.value) == (
+        f"Scan of {tmp_path} cancelled after 2 files and folders; nothing was changed.")
+
+
+@pytest.mark.parametrize("folder", ["/", "/etc", "/usr/share", "/proc/self", "/dev", "/home",
+                                    "/tmp/"])
+def test_the_filesystem_root_and_system_folders_are_refused_at_once(folder: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ScanStopped) as raised:
+        scan_dataset(folder)
+    assert time.monotonic() - started < 1.0
+    assert str(raised.value) == (
+        f"Refusing to scan {Path(folder).absolute()} as a dataset: it is a system folder or a "
+        "whole disk, not a folder of training images. Point dataset.path at the folder that "
+        'holds your images (and their caption files or kohya "N_name" subfolders).')
+
+
+def test_a_link_to_the_root_is_refused_too(tmp_path: Path) -> None:
+    os.symlink("/", tmp_path / "everything")
+    with pytest.raises(ScanStopped, match="^Refusing to scan .*everything as a dataset"):
+        scan_dataset(tmp_path / "everything")
 
 
 def test_every_public_name_resolves() -> None:

@@ -5,6 +5,7 @@ inspection and sampling run the real CLIs."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -19,11 +20,18 @@ from PIL import Image
 from app import check_exposure, parse_args
 from gui.datadir import DataDirs
 from gui.form import KEYS
-from gui.jobs import JobRunner
+from gui.jobs import JobRunner, Status
+from tests.test_gui_jobs import wait_for
 from trainer.config import load_config, preset_paths
 from trainer.errors import UserError
 
 FAKE = [sys.executable, str(Path(__file__).with_name("gui_fake_trainer.py"))]
+
+
+def steps_in(folder: Path) -> list[int]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] \
+        if path.exists() else []
 
 
 def free_port() -> int:
@@ -65,16 +73,16 @@ def form_values(client, **changes) -> list:
 
 
 def poll(client, until: str, timeout: float = 60, where: int = 0) -> tuple:
-    """refresh until output `where` (0: the job status, 1: progress) shows
-    `until`; unchanged outputs come back as updates, so the last real value
-    of each is kept."""
-    shown: list = [""] * 6
+    """refresh until output `where` (0: the job status, 1: progress, 6: the
+    job picker) shows `until`; unchanged outputs come back as updates, so the
+    last real value of each is kept."""
+    shown: list = [""] * 7
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = client.predict(api_name="/refresh")
-        shown = [old if isinstance(new, dict) and new.get("__type__") == "update" else new
-                 for old, new in zip(shown, result, strict=True)]
-        if until in shown[where]:
+        result = client.predict(None, api_name="/refresh")
+        shown = [new.get("value", old) if isinstance(new, dict) and new.get("__type__")
+                 == "update" else new for old, new in zip(shown, result, strict=True)]
+        if until in str(shown[where]):
             return tuple(shown)
         time.sleep(0.2)
     raise AssertionError(f"never showed {until!r}; last: {shown[0]}")
@@ -109,7 +117,7 @@ def test_start_progress_stop_resume(app):
     assert "Stopping job" in client.predict(api_name="/stop")
     shown = poll(client, "Stopped")
     assert "the state is saved. Press Resume" in shown[0]
-    resumed = client.predict(*values, api_name="/resume")
+    resumed = client.predict(shown[6], *values, api_name="/resume")
     assert "resumes flow" in resumed and resumed.rstrip("`\n").endswith("--resume")
     shown = poll(client, "Finished")
     assert "Step 60 / 60" in shown[1]
@@ -120,10 +128,55 @@ def test_start_progress_stop_resume(app):
     # Another tab (or a reloaded page) sees the same job.
     from gradio_client import Client
 
-    assert "Job" in Client(client.src, verbose=False).predict(api_name="/refresh")[0]
+    assert "Job" in Client(client.src, verbose=False).predict(None, api_name="/refresh")[0]
     # Starting the same run again would overwrite it: refused, with a way out.
     again = client.predict(None, *values, api_name="/start")
     assert "already holds an earlier run of flow" in again and "flow-2" in again
+
+
+def test_the_job_picker_resumes_the_chosen_job_not_the_latest(app):
+    client, _, runner, _ = app
+    stopped = []
+    for name in ("pick-a", "pick-b"):
+        values = form_values(client, train__steps=300, output__name=name,
+                             sample__every_n_steps=0)
+        client.predict(None, *values, api_name="/start")
+        job = runner.latest()
+        wait_for(lambda job=job: steps_in(Path(job.output_dir)))
+        client.predict(api_name="/stop")
+        stopped.append(runner.wait(job.id, 30))
+    first, latest = stopped
+    assert first.status is latest.status is Status.STOPPED
+    shown = poll(client, f"Job {latest.id}")
+    assert shown[6] == latest.id  # the picker offers the newest stopped job first
+    # The form still holds pick-b; the picker says pick-a.
+    status = client.predict(first.id, *values, api_name="/resume")
+    assert "resumes pick-a" in status, status
+    resumed = runner.latest()
+    assert resumed.output_dir == first.output_dir and resumed.arguments()[-1] == "--resume"
+    runner.stop(resumed.id)
+    assert runner.wait(resumed.id, 30).status is Status.STOPPED
+    steps = steps_in(Path(first.output_dir))
+    assert steps == list(range(1, len(steps) + 1))  # continued, one trainer at a time
+    assert client.predict(first.id - 1000, *values, api_name="/resume") == (
+        f"**Problem:** There is no job {first.id - 1000}; choose one under Job to resume.")
+
+
+def test_resume_without_a_picked_job_continues_the_run_in_the_form(app):
+    """A run this app never started (e.g. from the command line): Resume with an
+    empty picker continues the form's output folder, and refuses a finished one."""
+    client, dirs, runner, _ = app
+    (dirs.outputs / "from-cli" / "state" / "state-00000004").mkdir(parents=True)
+    finished = form_values(client, train__steps=4, output__name="from-cli")
+    assert client.predict(None, *finished, api_name="/resume") == (
+        "**Problem:** from-cli already finished its 4 steps; raise train.steps to train it "
+        "further, then press Resume.")
+    values = form_values(client, train__steps=6, output__name="from-cli",
+                         sample__every_n_steps=0)
+    assert "resumes from-cli" in client.predict(None, *values, api_name="/resume")
+    job = runner.wait(runner.latest().id, 30)
+    assert job.status is Status.DONE and job.arguments()[-1] == "--resume"
+    assert steps_in(dirs.outputs / "from-cli") == [5, 6]  # continued from the saved step
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -1,9 +1,13 @@
-"""Dataset work behind the Dataset tab (gui/datasets.py): caption edits,
-imports and the check report."""
+"""Dataset work behind the Dataset tab (gui/datasets.py): caption edits and
+where they may write, the check report and cancelling it. Uploads are in
+test_gui_uploads.py; the same rules through the page, in test_gui_security.py."""
 
 from __future__ import annotations
 
-import zipfile
+import os
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +47,47 @@ def test_captions_only_for_images_inside_the_folder(tmp_path, rel):
     assert not (tmp_path / "outside.txt").exists()
 
 
+@pytest.mark.parametrize("extension", [".png", "PNG", ".jpg", ".safetensors", ".py", ".sh",
+                                       ".toml", "", ".", "../x", ".t/x"])
+def test_a_caption_extension_of_another_kind_of_file_is_refused(tmp_path, extension):
+    root = make_dataset(tmp_path / "d", {"a": "x"})
+    image = (root / "a.png").read_bytes()
+    with pytest.raises(UserError, match="Caption extension .* is not usable"):
+        datasets.save_caption(root, "a.png", "new", extension)
+    assert (root / "a.png").read_bytes() == image
+    assert sorted(p.name for p in root.iterdir()) == ["a.png", "a.txt"]
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    (lambda p: p.mkdir(), "it is a link or a folder"),
+    (lambda p: p.write_bytes(b"\x00\x01binary\xff"), "it is not a UTF-8 text file"),
+    (lambda p: p.write_bytes(b"\xff\xfe not utf-8"), "it is not a UTF-8 text file"),
+    (lambda p: p.write_text("tag, " * 20_000), "it is bigger than 64 KB"),
+    (lambda p: p.symlink_to(p.parent.parent / "elsewhere.tags"), "it is a link"),
+])  # fmt: skip
+def test_a_caption_never_replaces_a_file_that_is_not_a_caption(tmp_path, make, why):
+    root = make_dataset(tmp_path / "d", {"a": "x"})
+    (tmp_path / "elsewhere.tags").write_text("outside")
+    target = root / "a.tags"
+    make(target)
+    before = target.read_bytes() if target.is_file() else None
+    for edit in (lambda: datasets.save_caption(root, "a.png", "new", ".tags"),
+                 lambda: datasets.read_caption(root, "a.png", ".tags"),
+                 lambda: datasets.add_trigger(root, "sks", ".tags")):
+        with pytest.raises(UserError, match=f"a.tags is not a caption file \\({why}"):
+            edit()
+    assert (target.read_bytes() if target.is_file() else None) == before
+    assert (tmp_path / "elsewhere.tags").read_text() == "outside"
+
+
+def test_captions_are_written_only_next_to_images(tmp_path):
+    root = make_dataset(tmp_path / "d", {"a": "x"})
+    (root / "run.sh").write_text("echo hi")
+    with pytest.raises(UserError, match="run.sh is not an image in"):
+        datasets.save_caption(root, "run.sh", "x", ".txt")
+    assert not (root / "run.txt").exists()
+
+
 def test_add_trigger_puts_the_word_first_once(tmp_path):
     root = make_dataset(tmp_path / "d", {"a": "cat, red", "b": "sks, dog", "c": "dog, sks"})
     assert datasets.add_trigger(root, " sks ", ".txt") == 2
@@ -57,32 +102,6 @@ def test_replace_tag_matches_whole_tags_and_can_remove(tmp_path):
     assert captions_of(root) == {"a": "red cat, crimson", "b": "blue, crimson"}
     assert datasets.replace_tag(root, "crimson", "", ".txt") == 2
     assert captions_of(root) == {"a": "red cat", "b": "blue"}
-
-
-def test_import_zip_skips_names_outside_the_dataset(tmp_path):
-    archive = tmp_path / "up.zip"
-    image = tmp_path / "x.png"
-    Image.new("RGB", (64, 64)).save(image)
-    with zipfile.ZipFile(archive, "w") as z:
-        z.write(image, "set/1_cat/x.png")
-        z.writestr("set/1_cat/x.txt", "a cat")
-        z.writestr("../evil.png", "no")
-        z.writestr("__MACOSX/._x.png", "no")
-        z.writestr("notes.exe", "no")
-    target, count = datasets.import_files([str(archive)], tmp_path / "datasets", "mine")
-    assert count == 2
-    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [
-        "set/1_cat/x.png", "set/1_cat/x.txt"]
-    assert not (tmp_path / "evil.png").exists()
-    with pytest.raises(UserError, match="already exists"):
-        datasets.import_files([str(archive)], tmp_path / "datasets", "mine")
-
-
-def test_import_refuses_other_files(tmp_path):
-    other = tmp_path / "model.ckpt"
-    other.write_bytes(b"x")
-    with pytest.raises(UserError, match="not an image, caption or .zip"):
-        datasets.import_files([str(other)], tmp_path / "datasets", "mine")
 
 
 def test_thumbnails_are_cached_and_broken_images_give_none(tmp_path):
@@ -114,6 +133,37 @@ def test_check_report_shows_buckets_and_tags(tmp_path):
     text = views.check_report(result.report, datasets.tag_counts(items))
     assert text.startswith("### Trainable: 2 images")
     assert "| 64x64 | 2 | 2 |" in text and "| sks | 2 |" in text and "| cat | 1 |" in text
+
+
+@pytest.mark.parametrize("folder", ["/", "/etc", "/usr/lib", "/proc", "~", "/tmp"])
+def test_system_folders_and_home_are_not_datasets(folder):
+    with pytest.raises(UserError, match="is a system folder, a whole disk or your home folder"):
+        datasets.open_folder(folder)
+
+
+def test_a_running_check_stops_when_cancelled(tmp_path, monkeypatch):
+    pid_file = tmp_path / "pid"
+    slow = [sys.executable, "-c", "import os, sys, time; open(sys.argv[1], 'w').write("
+            "str(os.getpid())); time.sleep(60)", str(pid_file)]
+    monkeypatch.setattr(datasets, "python_module", lambda *args: slow)
+    cancel = threading.Event()
+    threading.Thread(target=lambda: wait_for(pid_file.exists) and cancel.set()).start()
+    started = time.monotonic()
+    result = datasets.check(str(tmp_path), 512, True, 256, 1024, 64, False, ".txt", cancel)
+    assert time.monotonic() - started < 10
+    assert result.report is None
+    assert result.message == "The dataset check was cancelled; nothing was changed."
+    with pytest.raises(ProcessLookupError):  # the child was killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def wait_for(condition, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_open_folder_explains_bad_paths(tmp_path):

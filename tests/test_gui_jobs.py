@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,12 @@ def make_runner(tmp_path: Path, mode: str = "ok", step_seconds: float = 0.02) ->
 
 
 def submit(runner: JobRunner, tmp_path: Path, name: str = "run", steps: int = 5,
-           every: int = 2) -> Job:
+           every: int = 2, extra: Sequence[str] = ()) -> Job:
     base = tmp_path / "base.toml"
     base.write_text('[model]\npath = "demo"\n[dataset]\npath = "demo"\n')
     out = tmp_path / "outputs" / name
     overrides = [f"train.steps={steps}", f"output.name={name}", f"output.dir={out}",
-                 f"sample.every_n_steps={every}", 'sample.prompts=["a cat"]']
+                 f"sample.every_n_steps={every}", 'sample.prompts=["a cat"]', *extra]
     return runner.submit(str(base), overrides, str(out), name, steps)
 
 
@@ -112,15 +113,45 @@ def test_failures_are_explained_in_words(tmp_path, mode, expected):
     assert "**Problem:**" in Monitor(runner).view()["status"]
 
 
-def test_a_restarted_app_lists_earlier_jobs_and_marks_active_ones_interrupted(tmp_path):
+def test_a_restarted_app_settles_jobs_whose_trainer_ended_while_it_was_away(tmp_path):
     runner = make_runner(tmp_path)
-    done = runner.wait(submit(runner, tmp_path).id, 60)
-    record = Path(done.folder) / "job.json"
-    record.write_text(record.read_text().replace('"done"', '"running"'))
+    finished = runner.wait(submit(runner, tmp_path, "finished").id, 60)
+    killed = submit(runner, tmp_path, "killed", steps=40)
+    wait_for(lambda: len(MetricsReader(Path(killed.output_dir) / "metrics.jsonl").read()) >= 2)
+    killed = runner.wait(runner.stop(killed.id).id, 30)
+    # As an app killed mid-run leaves them: the records say running; one
+    # trainer finished on its own, the other was killed (kill -9) after its
+    # last state save.
+    for job in (finished, killed):
+        record = Path(job.folder) / "job.json"
+        record.write_text(record.read_text().replace(f'"{job.status.value}"', '"running"'))
+    status = Path(killed.output_dir) / "status.json"
+    status.write_text(status.read_text().replace('"stopped"', '"training"'))
+    step = json.loads(status.read_text())["step"]
     again = make_runner(tmp_path)
-    (job,) = again.jobs()
-    assert job.status is Status.INTERRUPTED and "Press Resume" in job.message
-    assert again.resume(job.id).resume is True
+    done, interrupted = again.jobs()
+    assert done.status is Status.DONE and done.message.startswith("Finished: 5 steps")
+    assert done.final_file == finished.final_file
+    assert interrupted.status is Status.INTERRUPTED
+    assert interrupted.message.startswith(f"The trainer (process {killed.pid}) ended at step "
+                                          f"{step} without finishing")
+    assert "Press Resume" in interrupted.message
+    assert [j.id for j in again.resumable()] == [interrupted.id]
+    resumed = again.resume(interrupted.id)
+    assert resumed.resume is True and again.wait(resumed.id, 60).status is Status.DONE
+
+
+def test_job_records_of_older_and_newer_versions_load(tmp_path):
+    old = {"id": 3, "name": "old", "config": "base.toml", "overrides": ["train.steps=4"],
+           "output_dir": str(tmp_path / "out"), "status": "stopped", "message": "m",
+           "folder": "/moved/away/0003", "a_field_from_a_later_version": 1}
+    (tmp_path / "jobs" / "0003").mkdir(parents=True)
+    (tmp_path / "jobs" / "0003" / "job.json").write_text(json.dumps(old))
+    (tmp_path / "jobs" / "0004").mkdir()
+    (tmp_path / "jobs" / "0004" / "job.json").write_text('{"id": 4, "na')  # cut off
+    (job,) = make_runner(tmp_path).jobs()
+    assert (job.id, job.status, job.pid) == (3, Status.STOPPED, None)
+    assert job.folder == str(tmp_path / "jobs" / "0003")  # where it is now
 
 
 # --- explaining how a child ended (gui/cli_runs.py), as a table --------------
@@ -153,3 +184,10 @@ def test_log_view_shows_the_last_redraw_of_each_line():
     text = "Caching latents: 100%\n" + BAR + BAR.replace("3/30", "4/30") + "\nnext\n"
     assert log_lines(text) == ["Caching latents: 100%", BAR[1:].replace("3/30", "4/30"), "next"]
     assert tqdm_total(text) == 30
+
+
+def test_a_line_that_is_not_a_metric_is_left_out_of_the_view(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\x00\x00\n[]\n{"loss": 1}\n'
+                    '{"step": 3, "loss": 0.25}\n')
+    assert [(m.step, m.loss) for m in MetricsReader(path).read()] == [(1, 0.5), (3, 0.25)]

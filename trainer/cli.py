@@ -2,13 +2,16 @@
 
 Each subcommand is a small function taking the parsed arguments. A
 `UserError` becomes one line on stderr and exit status 2 (like argparse's
-own usage errors); anything else is a bug and keeps its traceback.
+own usage errors); anything else is a bug and keeps its traceback. Ctrl-C
+before training began (imports, model loading) is one line and exit status
+130, as shells report SIGINT; SIGTERM then is 143 (__main__ dies of it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from trainer.errors import UserError
@@ -22,19 +25,29 @@ def _make_demo_model(args: argparse.Namespace) -> None:
     print(f"single-file checkpoint: {paths['single_file']}")
 
 
-def _train(args: argparse.Namespace) -> None:
-    from trainer.config import load_config, require_paths
-    from trainer.train import run
+NOTHING_TRAINED = "interrupted before the first training step: nothing was trained, nothing changed"
 
-    config = load_config(args.config, args.set)
-    require_paths(config)
-    result = run(config, resume=args.resume, stop_at_step=args.stop_at_step)
+
+def _train(args: argparse.Namespace) -> int | None:
+    # Until the first step, Ctrl-C raises (trainer/stop_flag.py) and the run
+    # has left its folder as it was; during training it stops at a step.
+    try:
+        from trainer.config import load_config, require_paths
+        from trainer.train import run
+
+        config = load_config(args.config, args.set)
+        require_paths(config)
+        result = run(config, resume=args.resume, stop_at_step=args.stop_at_step)
+    except KeyboardInterrupt as interrupt:
+        print(NOTHING_TRAINED, file=sys.stderr)
+        return 128 + getattr(interrupt, "signum", signal.SIGINT)
     if not result.is_main:
-        return
+        return None
     if result.stopped_early:
         print(f"stopped after step {result.steps_done}; the state is saved: continue with --resume")
     else:
         print(f"done: {result.steps_done} steps, adapter written to {result.final_file}")
+    return None
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -98,11 +111,13 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
     try:
-        args.handler(args)
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        return args.handler(args) or 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

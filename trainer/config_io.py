@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -19,52 +21,23 @@ import tomli_w
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from networks.file_header import UnreadableFile, check_adapter_file, read_header
 from trainer.config_schema import DEMO, PATH_KEYS, SECTIONS, TrainConfig
 from trainer.errors import UserError
-from trainer.preview_decoder import check_decoder_folder
+from trainer.kohya_names import KOHYA_ALIASES, KOHYA_SECTIONS
+from trainer.preview_decoder import HOW_TO_GET, check_decoder_folder
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 _DEMO_KEYS = ("model.path", "dataset.path")
-
-# kohya sd-scripts names that its users will type -> ours (with the value where
-# the meaning maps onto a choice). Used only for "did you mean" suggestions.
-KOHYA_ALIASES = {
-    "pretrained_model_name_or_path": "model.path", "train_data_dir": "dataset.path",
-    "enable_bucket": "dataset.buckets", "bucket_no_upscale": "dataset.no_upscale",
-    "min_bucket_reso": "dataset.min_bucket", "max_bucket_reso": "dataset.max_bucket",
-    "bucket_reso_steps": "dataset.bucket_step", "shuffle_caption": "dataset.shuffle_captions",
-    "caption_dropout_rate": "dataset.caption_dropout", "flip_aug": "dataset.flip",
-    "caption_tag_dropout_rate": "dataset.tag_dropout",
-    "cache_latents_to_disk": 'dataset.cache_latents = "disk"',
-    "network_module": "network.type", "algo": "network.type", "network_dim": "network.rank",
-    "network_alpha": "network.alpha", "conv_dim": "network.conv_rank",
-    "use_tucker": "network.tucker", "network_dropout": "network.dropout",
-    "network_weights": "network.resume_from",
-    "network_train_unet_only": "network.train_text_encoder = false",
-    "network_train_text_encoder_only": "network.train_unet = false",
-    "network_args": "the separate keys network.type, network.conv_rank, network.conv_alpha",
-    "max_train_steps": "train.steps", "max_train_epochs": "train.epochs",
-    "train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-    "learning_rate": "train.unet_lr", "lr": "train.unet_lr",
-    "optimizer_type": "train.optimizer", "lr_scheduler": "train.scheduler",
-    "lr_warmup_steps": "train.warmup_steps", "save_state": "train.save_state_every_n_steps",
-    "xformers": 'train.attention = "xformers"', "sdpa": 'train.attention = "sdpa"',
-    "sample_prompts": "sample.prompts", "sample_every_n_steps": "sample.every_n_steps",
-    "sample_sampler": "sample.sampler",
-    "output_dir": "output.dir", "output_name": "output.name",
-    "save_every_n_epochs": "output.save_every_n_steps", "metadata_title": "output.title",
-    "metadata_author": "output.author", "metadata_description": "output.description",
-    "training_comment": "output.description",
-}
-KOHYA_SECTIONS = {
-    "model_arguments": "model",
-    "dataset_arguments": "dataset",
-    "additional_network_arguments": "network",
-    "training_arguments": "train",
-    "optimizer_arguments": "train",
-    "sample_prompt_arguments": "sample",
-    "saving_arguments": "output",
-}
+# Where a loaded config's values came from, kept in its __dict__ beside the
+# fields: pydantic leaves such entries out of equality and dumps.
+_SOURCES = "_value_sources"
+_ADAPTER_FILES = (
+    ("network.resume_from", "an adapter .safetensors file saved by this trainer or by kohya"),
+    ("sample.lcm_lora", "an LCM-LoRA .safetensors file such as latent-consistency's "
+                        "lcm-lora-sdv1-5"),
+)
+_SECTION_KEY = re.compile(rf"\b(?:{'|'.join(SECTIONS)})\.\w+")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -74,29 +47,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     in overrides (and defaults) relative to the current directory; the result
     holds absolute paths, so it means the same wherever it is written out.
     """
-    label = str(path) if path is not None else "--set options"
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_toml(Path(path))
         _absolute_paths(data, Path(os.path.abspath(path)).parent)
-    origins: dict[str, str] = {}  # "section.key" -> the override that set it
-    problems = [p for text in overrides if (p := _apply_override(data, text, origins))]
-    problems += _unknown_keys(data, lambda key: _origin(key, origins, label))
+    sources = _Sources(str(path) if path is not None else "--set options", {},
+                       frozenset(_keys_in(data)))
+    problems = [p for text in overrides if (p := _apply_override(data, text, sources.overrides))]
+    problems += _unknown_keys(data, sources.blame)
     if problems:
         raise _user_error(problems)
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as error:
-        # A value is blamed on the override that set it, else on the file; a
-        # section's cross-field rule (loc = the section) on the file, as the
-        # message names the keys involved.
-        raise _user_error(
-            [_describe(e, origins.get(_dotted(e["loc"][:2]), label)) for e in error.errors()]
-        ) from None
+        raise _user_error([_describe(e, sources) for e in error.errors()]) from None
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         setattr(getattr(config, section), name, _absolute(key, value, Path.cwd()))
+    config.__dict__[_SOURCES] = sources
     return config
 
 
@@ -116,31 +85,72 @@ def preset_paths() -> dict[str, Path]:
 
 
 def require_paths(config: TrainConfig) -> None:
-    """Check the paths training needs. Separate from validation because the
-    GUI loads presets, which leave model.path and dataset.path to the user."""
-    problems = []
-    for key, what in (
+    """Check the paths training needs, and read the headers of the files it
+    loads later (adapters, the preview decoder's weights), so that a wrong
+    file stops the run before the model loads, not at the first preview.
+    Separate from validation because the GUI loads presets, which leave
+    model.path and dataset.path to the user. Torch-free: the GUI calls it."""
+    found = [(key, _path_problem(config, key, what)) for key, what in (
         ("model.path", "your SD1.5 checkpoint (.safetensors) or diffusers folder"),
         ("dataset.path", "your folder of images (with caption files)"),
-    ):
-        value = getattr(config, key.split(".")[0]).path
-        if not value:
-            problems.append(f"{key} is empty: set {key} to {what} (in the TOML file or "
-                            f"with --set {key}=PATH).")
-        elif value != DEMO and not Path(value).exists():
-            problems.append(f"{key} = {_show(value)} does not exist; set {key} to {what}.")
-    for key, value in (("network.resume_from", config.network.resume_from),
-                       ("sample.lcm_lora", config.sample.lcm_lora)):
-        if value and not Path(value).is_file():
-            problems.append(f"{key} = {_show(value)} is not a file; fix the path or set "
-                            f'{key} = "" to turn it off.')
-    if config.sample.preview_decoder:
-        try:  # the same checks `python -m trainer sample --preview-decoder` makes
-            check_decoder_folder(config.sample.preview_decoder, "sample.preview_decoder")
-        except UserError as problem:
-            problems.append(str(problem))
+    )]
+    for key, what in _ADAPTER_FILES:
+        found.append((key, _adapter_problem(_value(config, key), key, what)))
+    found.append(("sample.preview_decoder", _decoder_problem(config.sample.preview_decoder)))
+    sources = config.__dict__.get(_SOURCES)
+    problems = [f"{origin}: {problem}" if (origin := sources and sources.of(key)) else problem
+                for key, problem in found if problem]
     if problems:
         raise _user_error(problems)
+
+
+def _value(config: TrainConfig, key: str) -> str:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _path_problem(config: TrainConfig, key: str, what: str) -> str | None:
+    value = _value(config, key)
+    if not value:
+        return f"{key} is empty: set {key} to {what} (in the TOML file or with --set {key}=PATH)."
+    if value != DEMO and not Path(value).exists():
+        return f"{key} = {_show(value)} does not exist; set {key} to {what}."
+    return None
+
+
+def _adapter_problem(value: str, key: str, what: str) -> str | None:
+    if not value:
+        return None
+    try:
+        check_adapter_file(value, key, f'set {key} to {what}, or to "" to turn it off')
+    except UserError as problem:
+        return str(problem)
+    return None
+
+
+def _decoder_problem(decoder: str) -> str | None:
+    if not decoder:
+        return None
+    try:  # the same checks `python -m trainer sample --preview-decoder` makes
+        folder = check_decoder_folder(decoder, "sample.preview_decoder")
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        if weights.exists():
+            read_header(weights)
+    except UnreadableFile as problem:
+        return (f"sample.preview_decoder = {decoder}: {problem.path.name} {problem.reason}; "
+                f"{HOW_TO_GET}.")
+    except UserError as problem:
+        return str(problem)
+    return None
+
+
+def without_sources(message: str, overrides: Sequence[str]) -> str:
+    """`message` without the "--set ...: " origins that name `overrides`
+    (alone or joined by " and "), for a page where every value is an override
+    and the key each problem names says it better."""
+    labels = [f"--set {text}" for text in overrides] + ["--set options"]  # the no-file label
+    one = "|".join(map(re.escape, labels))
+    return re.sub(rf"(?:{one})(?: and (?:{one}))*: ", "", message)
 
 
 # --- reading -------------------------------------------------------------
@@ -182,17 +192,20 @@ def _apply_override(data: dict[str, Any], text: str, origins: dict[str, str]) ->
     if not equals or not key or "" in key.split("."):
         return (f"--set {text}: expected section.key=value, e.g. --set train.steps=500 "
                 "or --set model.path=/models/sd15.safetensors.")
-    origins[key] = f"--set {text}"
     section, _, name = key.rpartition(".")
     field = _field(section, name) if section else TrainConfig.model_fields.get(name)
     value = _parse_value(raw.strip(), field)
     if not section:
         data[name] = value
+        origins[key] = f"--set {text}"
         return None
     table = data.setdefault(section, {})
     if not isinstance(table, dict):
-        return f"--set {text}: {section} is not a section in the file ({section} = {table!r})."
+        where = origins.get(section, "the file")
+        return (f"--set {text}: {section} is not a section ({section} = {_show(table)}, from "
+                f"{where}).")
     table[name] = value
+    origins[key] = f"--set {text}"
     return None
 
 
@@ -208,10 +221,42 @@ def _parse_value(raw: str, field: FieldInfo | None) -> Any:
     return value
 
 
-def _origin(key: str, origins: dict[str, str], label: str) -> str:
-    """The override that set `key` (or, for a section, a key in it), else `label`."""
-    inside = [text for k, text in origins.items() if k == key or k.startswith(key + ".")]
-    return inside[0] if inside else label
+@dataclass(frozen=True)
+class _Sources:
+    """Where each value of a config came from: a `--set`, the file, or a default."""
+
+    label: str  # the file as given, or "--set options" when there is none
+    overrides: dict[str, str]  # "section.key" (or a whole "section") -> "--set ..." that set it
+    in_file: frozenset[str]  # the keys the file gives ("section.key", or a non-table "section")
+
+    def of(self, key: str) -> str | None:
+        """The `--set` that gave `key` (a section: a key in it), else the file
+        when it gives it, else None (a default)."""
+        parts = key.split(".")
+        around = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}  # key, its section
+        inside = key + "."
+        overrides = [t for k, t in self.overrides.items() if k in around or k.startswith(inside)]
+        if overrides:
+            return overrides[-1]  # the last one applied is the value that counts
+        if any(k in around or k.startswith(inside) for k in self.in_file):
+            return self.label
+        return None
+
+    def blame(self, key: str) -> str:
+        return self.of(key) or self.label
+
+    def of_rule(self, message: str) -> str:
+        """The sources of the keys a cross-field rule's message names."""
+        named = [s for s in dict.fromkeys(map(self.of, _SECTION_KEY.findall(message))) if s]
+        named.sort(key=lambda s: s == self.label)  # the `--set`s first, then the file
+        return " and ".join(named) or self.label
+
+
+def _keys_in(data: dict[str, Any]) -> set[str]:
+    keys = set()
+    for key, value in data.items():
+        keys.update([f"{key}.{name}" for name in value] if isinstance(value, dict) else [key])
+    return keys
 
 
 def _field(section: str, name: str) -> FieldInfo | None:
@@ -262,13 +307,15 @@ def _dotted(loc: tuple) -> str:
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)[1:]
 
 
-def _describe(error: dict, origin: str) -> str:
-    """One pydantic error as `origin: key = value <what is wrong>`."""
+def _describe(error: dict, sources: _Sources) -> str:
+    """One pydantic error as `origin: key = value <what is wrong>`, `origin`
+    being the `--set` that gave the value, else the file."""
     loc, kind, value = error["loc"], error["type"], error.get("input")
     key = _dotted(loc)
+    origin = sources.blame(_dotted(loc[:2]))  # an item of a list: the list's source
     if len(loc) == 1 and loc[0] in SECTIONS:
-        if kind == "value_error":  # a section's own cross-field rule
-            return f"{origin}: {error['ctx']['error']}."
+        if kind == "value_error":  # a section's cross-field rule: the keys its message names
+            return f"{sources.of_rule(str(error['ctx']['error']))}: {error['ctx']['error']}."
         return f"{origin}: {key} must be a [{key}] section, not {_show(value)}."
     field = _field(*loc[:2]) if len(loc) > 1 else TrainConfig.model_fields[loc[0]]
     if field is None or kind == "extra_forbidden":

@@ -13,15 +13,20 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trainer.atomic import failure_reason
 from trainer.errors import UserError
 
 STATE_PREFIX = "state-"
+SAVE_ADVICE = ("Free some disk space or set output.dir to another disk, then continue with "
+               "--resume.")
 
 
 @dataclass
@@ -56,38 +61,60 @@ def save_state(
     keep: int = 2,
 ) -> Path:
     """Write `state_root/state-<step>` atomically, then prune all but `keep`."""
-    state_root.mkdir(parents=True, exist_ok=True)
     final = state_root / f"{STATE_PREFIX}{progress.step:08d}"
-    staging = Path(tempfile.mkdtemp(dir=state_root, prefix=f".{final.name}."))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
+    training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_states()}
+    staging = None
     try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in adapter.items()},
-            str(staging / "adapter.safetensors"),
-        )
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_states(),
-            },
-            staging / "training.pt",
-        )
+        state_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=state_root, prefix=f".{final.name}."))
+        save_file(tensors, str(staging / "adapter.safetensors"))
+        torch.save(training, staging / "training.pt")
         (staging / "progress.json").write_text(json.dumps(asdict(progress)))
         for file in staging.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         if final.exists():  # a state of the same step from a run that was resumed
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(staging, final)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+    # The serialisers report a full disk in their own types: safetensors as
+    # SafetensorError, torch.save as RuntimeError ("PytorchStreamWriter failed
+    # writing file", "enforce fail at inline_container.cc").
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise UserError(
-            f"Saving the training state to {final} failed ({exc.strerror}); the previous state "
-            "is untouched. Free some disk space."
+            f"Saving the training state to {final} failed ({failure_reason(exc, state_root)}); "
+            f"the previous state is untouched. {SAVE_ADVICE}"
         ) from exc
     for old in complete_states(state_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(state: Path) -> None:
+    """Delete a state folder; renamed out of the complete ones first, so that
+    a kill during the deletion cannot leave half a state under a final name."""
+    hidden = state.with_name(f".{state.name}.{os.getpid()}-{time.monotonic_ns()}.old")
+    try:
+        os.replace(state, hidden)
+    except OSError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_staging_leftovers(state_root: Path) -> list[Path]:
+    """Delete the temporary folders of saves that failed or were killed. Only
+    call it while holding the run folder: another trainer's save in progress
+    looks just the same."""
+    if not state_root.is_dir():
+        return []
+    leftovers = [p for p in state_root.iterdir()
+                 if p.name.startswith(f".{STATE_PREFIX}") and p.is_dir()]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def complete_states(state_root: Path) -> list[Path]:
@@ -95,6 +122,18 @@ def complete_states(state_root: Path) -> list[Path]:
     if not state_root.is_dir():
         return []
     return sorted(p for p in state_root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX))
+
+
+def latest_progress(state_root: Path) -> tuple[Path, Progress] | None:
+    """The newest complete state and how far it got, without loading its tensors."""
+    states = complete_states(state_root)
+    if not states:
+        return None
+    return states[-1], _read_progress(states[-1])
+
+
+def _read_progress(path: Path) -> Progress:
+    return Progress(**json.loads((path / "progress.json").read_text()))
 
 
 @dataclass
@@ -110,7 +149,7 @@ def load_latest_state(state_root: Path) -> LoadedState | None:
     if not states:
         return None
     path = states[-1]
-    progress = Progress(**json.loads((path / "progress.json").read_text()))
+    progress = _read_progress(path)
     # Our own file; it holds optimizer tensors and Python RNG tuples.
     training = torch.load(path / "training.pt", weights_only=False)
     return LoadedState(progress, load_file(str(path / "adapter.safetensors")), training, path)

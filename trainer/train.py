@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass
 
@@ -21,7 +20,9 @@ from trainer import diffusion
 from trainer.errors import UserError
 from trainer.lcm import EmaTarget
 from trainer.lcm_state import restore_weights, training_weights
-from trainer.state import Progress, load_latest_state, restore_rng_states, save_state
+from trainer.run_guard import RunGuard, resume_point
+from trainer.state import SAVE_ADVICE, Progress, load_latest_state, restore_rng_states, save_state
+from trainer.stop_flag import StopFlag
 from trainer.text_encoding import encode_captions
 
 
@@ -34,33 +35,18 @@ class RunResult:
     is_main: bool = True  # only the main process reports (and writes files)
 
 
-class StopFlag:
-    """SIGINT/SIGTERM ask for a clean stop at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def _request(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        """Give the signals back: after a run, Ctrl-C must interrupt again."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunResult:
-    stop = StopFlag()
-    try:
-        return _run(config, resume, stop_at_step, stop)
-    finally:
-        stop.restore()
+    """Train; the guard holds the output folder (lock, status.json) however
+    the run ends, and a signal ends the start-up at once or training at the
+    next step boundary (trainer/stop_flag.py)."""
+    with StopFlag() as stop, RunGuard() as guard:
+        result = _run(config, resume, stop_at_step, stop, guard)
+        guard.ended(result.stopped_early, result.steps_done)
+        return result
 
 
-def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunResult:
+def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: RunGuard
+         ) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -79,11 +65,19 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
     )
     outputs = RunOutputs(output_dir(config), config.output.name, config.output.keep_last_n)
 
-    # 1. Refuse early: unwritable output, bad device settings, untrainable dataset.
+    # 1. Refuse early: another trainer in the folder, unwritable output, a
+    # finished run to resume, bad device settings, untrainable dataset.
     if is_main:
         check_writable(outputs.folder)
+        guard.take(outputs)
+    if resume and config.train.steps:  # train.epochs needs the dataset for the total
+        resume_point(outputs.state_root, config.train.steps)
     setup.check_device(config.train.mixed_precision, accelerator.device)
     report = setup.check_dataset_or_refuse(config)
+    global_batch = config.train.batch_size * world
+    total_steps = setup.total_steps(config, report.items, global_batch)
+    start_step = resume_point(outputs.state_root, total_steps, config.train.epochs) if resume else 0
+    guard.starting(start_step, total_steps)
 
     # 2. Model, network, data. The seed makes the adapter's initial weights
     # the same in every process and every run.
@@ -92,14 +86,11 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
     set_seed(config.train.seed)
     network = setup.build_network(config, sd)
     train_text_encoder = bool(network.text_encoder_adapters)
-    global_batch = config.train.batch_size * world
     data = setup.build_training_data(
         config, report.items, sd, global_batch, is_main, accelerator.wait_for_everyone
     )
     if not train_text_encoder and not data.captions.is_random:
         step_context.text_cache = frozen_text_cache(config, sd)
-    steps_per_epoch = math.ceil(len(data) / config.train.grad_accum)
-    total_steps = config.train.steps or config.train.epochs * steps_per_epoch
 
     # 3. Optimizer and schedule.
     from trainer.optim import build_optimizer, build_scheduler
@@ -117,16 +108,13 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
     progress = Progress(step=0, epoch=0, batch=0)
     if resume:
         loaded = load_latest_state(outputs.state_root)
-        if loaded is None:
-            raise UserError(
-                f"--resume: no saved training state in {outputs.state_root}; "
-                "start without --resume."
-            )
         restore_weights(network, step_context.lcm_target, loaded.adapter, outputs.state_root)
         optimizer.load_state_dict(loaded.training["optimizer"])
         scheduler.load_state_dict(loaded.training["scheduler"])
         restore_rng_states(loaded.training["rng"])
         progress = loaded.progress
+    # From here on the run writes its outputs: a signal stops it at a step boundary.
+    stop.arm()
     if is_main:
         outputs.write_config(config_to_toml(config))
         outputs.start_metrics(progress.step)
@@ -136,7 +124,8 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
 
     network.train()
     sd.unet.train()
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not is_main, desc="training")
+    bar = guard.close_on_exit(
+        tqdm(total=total_steps, initial=progress.step, disable=not is_main, desc="training"))
     losses: list[float] = []
     save_every = config.output.save_every_n_steps
     state_every = config.train.save_state_every_n_steps or save_every
@@ -144,6 +133,7 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
     batches = data.batches(start=Position(progress.epoch, progress.batch))
     micro_losses: list[float] = []
     stopped_early = False
+    guard.training(progress.step, force=True)
     for micro_index, tb in enumerate(batches):
         step = progress.step
         global_count = len(tb.batch.items)
@@ -198,9 +188,14 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
         if is_main and save_every and progress.step % save_every == 0 and not finished:
             export(config, network, outputs, outputs.periodic_file(progress.step), report, progress)
             outputs.remember_periodic(outputs.periodic_file(progress.step))
-        if is_main and (stop_now or (state_every and progress.step % state_every == 0)):
+        # A finished run's state is saved after its final file: a state at the
+        # last step says the run is done, and --resume then refuses.
+        periodic_state = bool(state_every) and progress.step % state_every == 0
+        state_due = not finished and (stop_now or periodic_state)
+        if is_main and state_due:
             weights = training_weights(network, step_context.lcm_target)
             save_state(outputs.state_root, progress, weights, optimizer, scheduler)
+        guard.training(progress.step, force=state_due)
         if finished or stop_now:
             stopped_early = not finished
             break
@@ -210,6 +205,7 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag) -> RunR
     if is_main and not stopped_early:
         final_file = outputs.final_file
         export(config, network, outputs, final_file, report, progress)
+        outputs.final_written = True
         weights = training_weights(network, step_context.lcm_target)
         save_state(outputs.state_root, progress, weights, optimizer, scheduler)
     if is_main:
@@ -375,6 +371,5 @@ def export(config, network, outputs, path, report, progress) -> None:
     from networks.export import export_network
     from trainer.export_info import export_info
 
-    export_network(
-        network, path, export_info(config, report, progress), config.output.save_precision
-    )
+    info = export_info(config, report, progress)
+    export_network(network, path, info, config.output.save_precision, advice=SAVE_ADVICE)

@@ -3,6 +3,7 @@ paths, dataset check, model, network, data pipeline."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -111,15 +112,32 @@ def caption_options(config):
     )  # fmt: skip
 
 
-def build_training_data(config, items, sd, global_batch: int, is_main: bool, wait_for_everyone):
-    from datasets_tools.hashing import module_identity
-    from datasets_tools.latent_cache import LatentCache
-    from datasets_tools.training_data import DataOptions, TrainingData
+def data_options(config, global_batch: int):
+    from datasets_tools.training_data import DataOptions
 
-    options = DataOptions(
+    return DataOptions(
         buckets=bucket_config(config), flip=config.dataset.flip, captions=caption_options(config),
         batch_size=global_batch, seed=config.train.seed,
     )  # fmt: skip
+
+
+def total_steps(config, items, global_batch: int) -> int:
+    """train.steps, or train.epochs worth of steps: known from the dataset
+    alone, so a finished run is recognised before the model loads."""
+    if config.train.steps:
+        return config.train.steps
+    from datasets_tools.training_data import TrainingData
+
+    batches = len(TrainingData(items, data_options(config, global_batch)))
+    return config.train.epochs * math.ceil(batches / config.train.grad_accum)
+
+
+def build_training_data(config, items, sd, global_batch: int, is_main: bool, wait_for_everyone):
+    from datasets_tools.hashing import module_identity
+    from datasets_tools.latent_cache import LatentCache
+    from datasets_tools.training_data import TrainingData
+
+    options = data_options(config, global_batch)
     cache = None
     if config.dataset.cache_latents != "off":
         folder = cache_root() / "latents" if config.dataset.cache_latents == "disk" else None
