@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 

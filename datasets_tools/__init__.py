@@ -28,7 +28,7 @@ _EXPORTS = {
     "check": ["check_dataset"],
     "crop": ["CropSpec", "compute_crop"],
     "formats": ["SUPPORTED_EXTENSIONS", "ImageDecodeError"],
-    "hashing": ["file_digest", "module_identity"],
+    "hashing": ["module_identity"],
     "latent_cache": ["CacheStats", "LatentCache", "LatentEntry", "LatentRequest"],
     "loading": ["decode_image"],
     "report": ["Problem", "Report", "Severity"],

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 Size = tuple[int, int]  # (width, height) in pixels
 VAE_FACTOR = 8  # the SD VAE downsamples by 8, so every side must be a multiple of it

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 from .scan import ImageItem
 

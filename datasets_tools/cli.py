@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 from .buckets import BucketConfig
 from .check import check_dataset

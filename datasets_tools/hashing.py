@@ -1,22 +1,12 @@
-"""Content identities used in cache keys: file bytes and model weights."""
+"""Content identity of model weights, used in cache keys (file bytes: core.hashing)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (the identity of an image, whatever its name or date)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def module_identity(module: torch.nn.Module) -> str:

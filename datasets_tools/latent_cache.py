@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from trainer.errors import UserError
+from core.errors import UserError
+from core.hashing import file_sha256
 
 from .formats import ImageDecodeError
-from .hashing import file_digest
 from .store import TensorStore
 from .transform import CropSpec, PreparedImage, crop_pixels, to_prepared
 
@@ -132,7 +132,7 @@ class LatentCache:
         st = os.stat(path)
         memo = (str(path), st.st_size, st.st_mtime_ns)
         if memo not in self._digests:
-            self._digests[memo] = file_digest(path)
+            self._digests[memo] = file_sha256(path)
         return self._digests[memo]
 
     def _load(self, key: str, request: LatentRequest) -> LatentEntry | None:

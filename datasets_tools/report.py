@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 if TYPE_CHECKING:
     from .buckets import BucketReport

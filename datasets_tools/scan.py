@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 from .formats import (
     SUPPORTED_EXTENSIONS,

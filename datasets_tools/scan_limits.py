@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 # Folders of the operating system: scanning them is never what the user meant,
 # and walking /proc or /sys does not end. Inside these nothing is a dataset.

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from trainer.atomic import atomic_write_bytes
+from core.atomic import atomic_write_bytes
 
 _HEADER_LEN = struct.Struct("<Q")
 

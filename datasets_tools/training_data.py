@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 from .buckets import BucketConfig, Size, assign_bucket, make_buckets
 from .captions import CaptionOptions, CaptionProcessor

@@ -1,7 +1,7 @@
 """Where the GUI keeps what the user makes through it: uploaded datasets,
 saved presets, training runs, job logs and previews.
 
-Unlike the cache (`trainer.paths.cache_root`), nothing here can be
+Unlike the cache (`core.paths.cache_root`), nothing here can be
 regenerated, so it lives in the user's data folder, not in the cache.
 """
 

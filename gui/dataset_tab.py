@@ -6,10 +6,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.errors import UserError
 from gui import datasets, uploads, views
 from gui.datadir import safe_name
 from gui.handlers import Context, reports_to
-from trainer.errors import UserError
 
 # The [dataset] settings the check shares with training, in its argument order.
 CHECK_KEYS = ("dataset.resolution", "dataset.buckets", "dataset.min_bucket",

@@ -17,13 +17,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic import atomic_write_text
+from core.errors import UserError
 from datasets_tools.captions import split_tags
 from datasets_tools.formats import DECODE_ERRORS
 from datasets_tools.scan import ImageItem, scan_dataset
 from gui import paths
 from gui.cli_runs import explain_failure, python_module, run_cli
-from trainer.atomic import atomic_write_text
-from trainer.errors import UserError
 
 THUMB_SIZE = 256
 GALLERY_LIMIT = 500  # a gallery of thousands of images would freeze the browser

@@ -11,12 +11,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from core.atomic import atomic_writer
+from core.errors import UserError
 from gui import paths, views
 from gui.cli_runs import explain_failure, python_module, run_cli
 from gui.datadir import DataDirs
 from gui.jobs import JobRunner
-from trainer.atomic import atomic_writer
-from trainer.errors import UserError
 
 # The metadata fields the Export tab edits: (label, ModelSpec key).
 EDITABLE = (("Title", "modelspec.title"), ("Trigger words", "modelspec.trigger_phrase"),

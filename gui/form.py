@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from core.errors import UserError
 from trainer.config import SECTIONS, TrainConfig, load_config
 from trainer.config import require_paths as check_paths
 from trainer.config_io import without_sources
-from trainer.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
 from gui import views
 from gui.datadir import DataDirs
 from gui.jobs import JobRunner
 from gui.paths import PathRules
-from trainer.errors import UserError
 
 
 class Cancels:

@@ -12,10 +12,10 @@ import re
 import signal
 from pathlib import Path
 
+from core import run_lock
+from core.run_lock import Owner
 from gui.cli_runs import error_message, explain_failure
 from gui.job_record import Job, Status
-from trainer import run_lock
-from trainer.run_lock import Owner
 
 _STOPPED = re.compile(r"stopped after step (\d+)")
 _DONE = re.compile(r"done: (\d+) steps, adapter written to (.+)")

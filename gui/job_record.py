@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from trainer.atomic import atomic_write_text
-from trainer.errors import UserError
-from trainer.run_lock import Owner
+from core.atomic import atomic_write_text
+from core.errors import UserError
+from core.run_lock import Owner
 
 
 class Status(StrEnum):

@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.errors import UserError
+from core.run_lock import live_owner, process_start_time
 from gui.cli_runs import child_env
 from gui.datadir import REPO
 from gui.job_outcome import adopted_outcome, child_outcome
@@ -27,8 +29,6 @@ from gui.job_record import Job, Status, load_jobs, save_job
 from gui.orphans import AdoptedTrainer, reconcile
 from gui.presets import saved_step
 from gui.run_files import read_tail
-from trainer.errors import UserError
-from trainer.run_lock import live_owner, process_start_time
 
 __all__ = ["TRAINER", "Job", "JobRunner", "Status"]
 

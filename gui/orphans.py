@@ -15,10 +15,10 @@ import socket
 import time
 from pathlib import Path
 
+from core.run_lock import Owner, is_alive, live_owner
 from gui.job_outcome import adopted_outcome
 from gui.job_record import Job, Status
 from gui.run_files import read_tail
-from trainer.run_lock import Owner, is_alive, live_owner
 
 POLL_SECONDS = 0.25
 

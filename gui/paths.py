@@ -18,12 +18,12 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from core.errors import UserError
 from datasets_tools.formats import SUPPORTED_EXTENSIONS, UNSUPPORTED_EXTENSIONS
 from datasets_tools.scan import ScanStopped, normalise_caption_extension
 from datasets_tools.scan_limits import refuse_system_folder
 from gui.datadir import DataDirs
 from gui.safetensors_meta import adapter_problem
-from trainer.errors import UserError
 
 IMAGE_EXTENSIONS = SUPPORTED_EXTENSIONS | UNSUPPORTED_EXTENSIONS
 # A caption is a line of tags; a bigger file next to an image is something else.

@@ -6,11 +6,11 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from core.atomic import atomic_write_text
+from core.errors import UserError
 from gui.datadir import DataDirs, safe_name
 from gui.form import non_default_tables
-from trainer.atomic import atomic_write_text
 from trainer.config import TrainConfig, load_config, output_dir, preset_paths
-from trainer.errors import UserError
 
 DEMO_PRESET = "cpu-demo"
 

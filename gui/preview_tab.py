@@ -8,10 +8,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.errors import UserError
 from gui import exports, paths, views
 from gui.cli_runs import explain_failure, python_module, run_cli
 from gui.handlers import Context, reports_to
-from trainer.errors import UserError
 
 GALLERY_SIZE = 12
 

@@ -16,8 +16,8 @@ import shutil
 import struct
 from pathlib import Path
 
-from trainer.atomic import atomic_writer
-from trainer.errors import UserError
+from core.atomic import atomic_writer
+from core.errors import UserError
 
 MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 ALIGN = 8  # safetensors pads the header with spaces so the data starts aligned

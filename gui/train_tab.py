@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.errors import UserError
 from gui import exports, presets, views
 from gui.datasets import check
 from gui.form import KEYS, SPECS, config_to_values, overrides_between, values_to_config
@@ -22,7 +23,6 @@ from trainer.config import (
     output_dir,
     preset_paths,
 )
-from trainer.errors import UserError
 
 # The settings most runs touch, in rows; the Advanced accordion has the rest.
 MAIN_ROWS = (

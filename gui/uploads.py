@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from core.errors import UserError
 from datasets_tools.formats import SUPPORTED_EXTENSIONS
-from trainer.errors import UserError
 
 MAX_TOTAL_BYTES = 16 * 1024**3  # one upload, uncompressed
 MAX_ENTRIES = 100_000  # entries of one zip, or files of one upload

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 from .inspect import format_report, inspect_file
 

@@ -8,8 +8,8 @@ import os
 
 from torch import nn
 
-from trainer.atomic import DEFAULT_ADVICE
-from trainer.errors import UserError
+from core.atomic import DEFAULT_ADVICE
+from core.errors import UserError
 
 from .base import Dropout
 from .kohya_file import read_network_file, save_network_file

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 # The safetensors library refuses larger headers; a bigger length field means
 # the file is something else.

@@ -22,12 +22,3 @@ def model_hash(data: bytes | memoryview) -> str:
 def legacy_hash(data: bytes | memoryview) -> str:
     """`sshs_legacy_hash`: sha256 of 64 KiB at offset 1 MiB of the tensor data, 8 hex chars."""
     return hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    """AutoV2 / `ss_new_sd_model_hash`: sha256 of a whole file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 from .file_header import UnreadableFile, read_header
 from .kohya_file import read_network_file

@@ -9,8 +9,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from trainer.atomic import DEFAULT_ADVICE, atomic_write_bytes
-from trainer.errors import UserError
+from core.atomic import DEFAULT_ADVICE, atomic_write_bytes
+from core.errors import UserError
 
 from .hashes import legacy_hash, model_hash, tensor_data
 

@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from trainer import run_lock
+from core import run_lock
+from core.errors import UserError
 from trainer.config import load_config, output_dir
-from trainer.errors import UserError
 
 STOP = {"requested": False}
 STATUS_EVERY_S = 1.0

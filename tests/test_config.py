@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import UserError
 from trainer.config import (
     PATH_KEYS,
     SECTIONS,
@@ -23,7 +24,6 @@ from trainer.config import (
     require_paths,
 )
 from trainer.config_io import without_sources
-from trainer.errors import UserError
 
 PRESETS = preset_paths()
 

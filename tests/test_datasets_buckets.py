@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import UserError
 from datasets_tools import (
     BucketConfig,
     assign_bucket,
@@ -15,7 +16,6 @@ from datasets_tools import (
     upscale_factor,
 )
 from datasets_tools.buckets import aspect_distance
-from trainer.errors import UserError
 
 
 @st.composite

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import UserError
 from datasets_tools import CaptionOptions, CaptionProcessor, scan_dataset, tag_frequency
 from tests.datasets_helpers import save_image
-from trainer.errors import UserError
 
 CAPTION = "  sks, cat, sitting, indoors, window  "
 

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import ImageFile
 
+from core.errors import UserError
 from datasets_tools import ScanLimits, ScanStopped, scan_dataset, scan_limits
 from tests.datasets_helpers import save_image
-from trainer.errors import UserError
 
 
 def by_rel(result):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import UserError
 from datasets_tools import (
     BucketConfig,
     CaptionOptions,
@@ -17,7 +18,6 @@ from datasets_tools import (
     check_dataset,
 )
 from tests.datasets_helpers import save_image, tiny_vae
-from trainer.errors import UserError
 
 BUCKETS = BucketConfig(resolution=64, step=16, min_side=32, max_side=128)
 

@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from app import check_exposure, parse_args
+from core.errors import UserError
 from gui.datadir import DataDirs
 from gui.form import KEYS
 from gui.jobs import JobRunner, Status
 from tests.test_gui_jobs import wait_for
 from trainer.config import load_config, preset_paths
-from trainer.errors import UserError
 
 FAKE = [sys.executable, str(Path(__file__).with_name("gui_fake_trainer.py"))]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from core.errors import UserError
 from gui import datasets, views
-from trainer.errors import UserError
 
 
 def make_dataset(root: Path, captions: dict[str, str]) -> Path:

@@ -11,12 +11,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from core.errors import UserError
 from gui.datadir import DataDirs
 from gui.exports import copy_to_folder, download, servable
 from gui.paths import copy_target
 from gui.safetensors_meta import adapter_problem, read_header, read_metadata, update_metadata
 from networks.hashes import legacy_hash, model_hash, tensor_data
-from trainer.errors import UserError
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 
+from core.errors import UserError
 from gui.form import (
     KEYS,
     SPECS,
@@ -21,7 +22,6 @@ from gui.form import (
 )
 from gui.train_tab import KINDS, MAIN_ROWS, fields_of_kind, kind_of
 from trainer.config import SECTIONS, TrainConfig, load_config, preset_paths
-from trainer.errors import UserError
 
 
 def schema_fields():

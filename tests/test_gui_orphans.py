@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from core import run_lock
+from core.errors import UserError
 from gui.form import KEYS
 from gui.jobs import JobRunner, Status
 from gui.monitor import Monitor
 from gui.presets import saved_step
 from tests.test_gui_app import form_values, free_port, poll, steps_in
 from tests.test_gui_jobs import FAKE, make_runner, submit, wait_for
-from trainer import run_lock
-from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_SECONDS = 0.05

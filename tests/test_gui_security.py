@@ -23,10 +23,10 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
+from core.errors import UserError
 from gui.datadir import DataDirs
 from gui.form import KEYS
 from gui.jobs import JobRunner
-from trainer.errors import UserError
 
 FAKE = [sys.executable, str(Path(__file__).with_name("gui_fake_trainer.py"))]
 SECRETS = ("outside caption", "top secret", "4242")  # what must never come back

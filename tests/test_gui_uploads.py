@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from core.errors import UserError
 from gui import uploads
-from trainer.errors import UserError
 
 
 def png(path: Path, seed: int = 0) -> Path:

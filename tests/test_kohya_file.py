@@ -14,12 +14,12 @@ import torch
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 from torch import nn
 
+from core.errors import UserError
 from networks.export import export_network, load_network
 from networks.hashes import model_hash, tensor_data
 from networks.metadata import MODELSPEC_REQUIRED, SS_MINIMUM, ExportInfo
 from networks.network import AdapterNetwork
 from tests.sd_fixtures import NETWORK_CASES, assert_outputs_close, fixed_inputs, randomize, run
-from trainer.errors import UserError
 from trainer.model_loading import build_pipeline
 
 
@@ -141,7 +141,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(sd, tmp_path, monkey
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("trainer.atomic.os.fsync", disk_full)
+    monkeypatch.setattr("core.atomic.os.fsync", disk_full)
     with pytest.raises(UserError, match="No space left on device.*untouched"):
         trained_file(sd, "lora", path)
     assert path.read_bytes() == before

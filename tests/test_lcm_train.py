@@ -80,8 +80,8 @@ def test_training_with_an_lcm_lora_writes_4_step_previews(distilled, demo_model_
 def test_ema_target_changes_later_steps_and_resumes_exactly(demo_model_dir, tmp_path):
     from safetensors.torch import load_file
 
+    from core.errors import UserError
     from trainer.demo_assets import write_demo_dataset
-    from trainer.errors import UserError
 
     data = tmp_path / "data"
     write_demo_dataset(data, size=64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.errors import UserError
+from core.errors import UserError
 from trainer.model_loading import build_pipeline, load_sd_model
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]

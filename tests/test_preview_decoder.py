@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import UserError
 from tests.test_train import config_for
 from trainer.config import load_config
-from trainer.errors import UserError
 from trainer.model_loading import build_pipeline
 from trainer.preview_decoder import load_preview_decoder
 from trainer.sampling import SampleSettings, generate, make_scheduler

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
+from core.errors import UserError
 from trainer import cli, train_setup
 from trainer.config import load_config, require_paths
-from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "lora_unet_mid_block_attentions_0_proj_in"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.errors import UserError
-from trainer.run_lock import (
+from core.errors import UserError
+from core.run_lock import (
     LOCK_NAME,
     Owner,
     RunLock,
@@ -29,7 +29,7 @@ from trainer.run_lock import (
 REPO = Path(__file__).resolve().parents[1]
 HOLD = (
     "import sys, time\n"
-    "from trainer.run_lock import RunLock\n"
+    "from core.run_lock import RunLock\n"
     "RunLock(sys.argv[1]).acquire()\n"
     "print('held', flush=True)\n"
     "time.sleep(120)\n"

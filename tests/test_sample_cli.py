@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from core.errors import UserError
 from networks.export import export_network, load_network
 from networks.metadata import ExportInfo
 from networks.network import AdapterNetwork, NetworkSpec
 from tests.sd_fixtures import assert_outputs_close, fixed_inputs, randomize, run
 from trainer.cli import main
-from trainer.errors import UserError
 from trainer.merge import merge_adapters
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from core.errors import UserError
+from core.run_lock import LOCK_NAME, read_status
 from tests.test_train import REPO, config_for, four_images, metrics, overrides  # noqa: F401
-from trainer.errors import UserError
-from trainer.run_lock import LOCK_NAME, read_status
 from trainer.train import run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -2,8 +2,8 @@
 
 import pytest
 
+from core.errors import UserError
 from trainer import tokenizer as tok_mod
-from trainer.errors import UserError
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 

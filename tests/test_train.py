@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.errors import UserError
 from tests.train_helpers import fixed_eval_loss, with_adapter
 from trainer.config import load_config
-from trainer.errors import UserError
 from trainer.train import run
 
 REPO = Path(__file__).resolve().parents[1]

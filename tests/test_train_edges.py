@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import UserError
+from core.run_lock import LOCK_NAME, read_status
 from tests.test_train import REPO, config_for, four_images, metrics, overrides  # noqa: F401
 from trainer.cli import NOTHING_TRAINED
-from trainer.errors import UserError
 from trainer.run_guard import RunAlreadyFinished
-from trainer.run_lock import LOCK_NAME, read_status
 from trainer.train import run
 
 PRESET = REPO / "presets" / "sd15-character-lora.toml"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 from trainer.ldm_keys import UNET_PREFIX, VAE_PREFIX
 
 # Both SD1.x text layouts live under it: `...transformer.text_model.*` and,

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 
 def _make_demo_model(args: argparse.Namespace) -> None:

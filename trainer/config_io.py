@@ -21,9 +21,9 @@ import tomli_w
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from core.errors import UserError
 from networks.file_header import UnreadableFile, check_adapter_file, read_header
 from trainer.config_schema import DEMO, PATH_KEYS, SECTIONS, TrainConfig
-from trainer.errors import UserError
 from trainer.kohya_names import KOHYA_ALIASES, KOHYA_SECTIONS
 from trainer.preview_decoder import HOW_TO_GET, check_decoder_folder
 

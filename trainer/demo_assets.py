@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from trainer.paths import cache_root
+from core.paths import cache_root
 
 DEMO_KEYWORD = "demo"
 _SHAPES = ("circle", "square", "triangle")

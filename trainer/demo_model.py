@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 from trainer.sd15_config import load_sd15_config
 from trainer.tokenizer import load_offline_tokenizer, write_tokenizer_files
 

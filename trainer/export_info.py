@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from networks.hashes import file_sha256
+from core.hashing import file_sha256
 from networks.metadata import ExportInfo
 
 _STARTED_AT = datetime.now(UTC)

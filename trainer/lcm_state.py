@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.errors import UserError
+from core.errors import UserError
 from trainer.lcm import EmaTarget
 
 

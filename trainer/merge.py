@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 
 def load_fitting_network(sd, path: Path):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainer.errors import UserError
+from core.errors import UserError
 from trainer.sd15_config import load_sd15_config
 
 # subfolder -> (config file, weight file stem) of the parts we need.

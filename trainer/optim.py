@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 # name -> (module, class, pip package or None for torch's own)
 OPTIMIZERS = {

@@ -15,7 +15,7 @@ import functools
 import json
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 HOW_TO_GET = (
     "expected a diffusers AutoencoderTiny folder for SD 1.x, such as madebyollin/taesd "

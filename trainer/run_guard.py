@@ -13,8 +13,8 @@ import contextlib
 import time
 from pathlib import Path
 
-from trainer.errors import UserError
-from trainer.run_lock import DONE, FAILED, STARTING, STOPPED, TRAINING, RunLock, write_status
+from core.errors import UserError
+from core.run_lock import DONE, FAILED, STARTING, STOPPED, TRAINING, RunLock, write_status
 from trainer.state import latest_progress
 
 # status.json while training: often enough for a progress bar, rare enough

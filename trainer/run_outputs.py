@@ -18,8 +18,8 @@ from pathlib import Path
 # Imported with the rest of the start-up, where Ctrl-C still stops quietly.
 from torch.utils.tensorboard import SummaryWriter
 
-from trainer.atomic import atomic_write_text, atomic_writer, remove_tmp_leftovers
-from trainer.errors import UserError
+from core.atomic import atomic_write_text, atomic_writer, remove_tmp_leftovers
+from core.errors import UserError
 from trainer.state import SAVE_ADVICE, complete_states, remove_staging_leftovers
 
 METRICS_NAME = "metrics.jsonl"

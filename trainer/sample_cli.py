@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.errors import UserError
+from core.errors import UserError
 
 DEMO_KEYWORD = "demo"
 # (steps, guidance) when not given: LCM-LoRA's 4 steps without CFG, else
@@ -192,7 +192,7 @@ def load_model(model: str):
 def write_png(image, out: Path) -> None:
     import io
 
-    from trainer.atomic import atomic_write_bytes
+    from core.atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from core.errors import UserError
 from trainer.checkpoint_io import TEXT_ROOT_PREFIX
-from trainer.errors import UserError
 from trainer.ldm_keys import UNET_PREFIX, VAE_PREFIX
 from trainer.sd15_config import load_sd15_config
 

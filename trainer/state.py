@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainer.atomic import failure_reason
-from trainer.errors import UserError
+from core.atomic import failure_reason
+from core.errors import UserError
 
 STATE_PREFIX = "state-"
 SAVE_ADVICE = ("Free some disk space or set output.dir to another disk, then continue with "

@@ -21,9 +21,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from trainer.atomic import atomic_write_text
-from trainer.errors import UserError
-from trainer.paths import cache_root
+from core.atomic import atomic_write_text
+from core.errors import UserError
+from core.paths import cache_root
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408

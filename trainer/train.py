@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from core.errors import UserError
 from trainer import diffusion
-from trainer.errors import UserError
 from trainer.lcm import EmaTarget
 from trainer.lcm_state import restore_weights, training_weights
 from trainer.run_guard import RunGuard, resume_point

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from core.errors import UserError
+from core.paths import cache_root
 from trainer.demo_assets import DEMO_KEYWORD, ensure_demo_dataset, ensure_demo_model
-from trainer.errors import UserError
-from trainer.paths import cache_root
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

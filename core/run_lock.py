@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trainer.atomic import atomic_write_text
-from trainer.errors import UserError
+from core.atomic import atomic_write_text
+from core.errors import UserError
 
 LOCK_NAME = "trainer.lock"
 STATUS_NAME = "status.json"
