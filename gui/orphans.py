@@ -2,7 +2,7 @@
 
 Training runs in its own session, so a GUI that dies without cleaning up (kill
 -9, a crash, its terminal closed) leaves the trainer training; the next app
-finds it through the run folder's lock (trainer/run_lock.py) or the pid and
+finds it through the run folder's lock (core/run_lock.py) or the pid and
 start time recorded in job.json, and follows it again instead of starting a
 second trainer on the same files.
 """

@@ -107,7 +107,7 @@ class FullDisk:
 
 
 def full_disk_for(name: str):
-    """ENOSPC for the atomic write (trainer/atomic.py) of the file `name`:
+    """ENOSPC for the atomic write (core/atomic.py) of the file `name`:
     its temporary file, found by descriptor, is on a full disk."""
 
     def install(monkeypatch, failure: Failure) -> None:

@@ -1,6 +1,6 @@
 """One run's hold on its output folder, from the lock to the last status.
 
-The main process takes the folder's lock (trainer/run_lock.py) before it
+The main process takes the folder's lock (core/run_lock.py) before it
 writes anything there, clears what killed saves left behind, keeps
 `status.json` current and, however the run ends (done, stopped, a UserError,
 a bug, Ctrl-C during start-up), says so there and lets the lock go. Other
