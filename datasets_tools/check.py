@@ -41,15 +41,17 @@ def check_dataset(
     workers: int | None = None,
     limits: ScanLimits | None = None,
     cancel: threading.Event | None = None,
+    repeats: int = 1,
 ) -> Report:
     """Scan and fully decode every image under `root`; list every problem.
 
-    `config` defaults to 512 px aspect buckets. Never raises for bad content;
+    `config` defaults to 512 px aspect buckets; `repeats` counts for images
+    outside kohya "N_name" folders (`scan_dataset`). Never raises for bad content;
     raises UserError for invalid options (bad caption extension) and
     `ScanStopped` when the folder walk is refused, too big or cancelled.
     """
     config = config or BucketConfig()
-    scan = scan_dataset(root, caption_extension, limits, cancel)
+    scan = scan_dataset(root, caption_extension, limits, cancel, repeats)
     problems: list[Problem] = list(scan.problems)
     buckets = make_buckets(config)
     workers = workers or min(4, os.cpu_count() or 1)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-upscale", action="store_true",
                        help="give small images a bucket of their own size instead of enlarging")
     check.add_argument("--caption-extension", default=".txt")
+    check.add_argument("--repeats", type=int, default=1,
+                       help='repeats of images outside kohya "N_name" folders (dataset.repeats)')
     defaults = ScanLimits()
     check.add_argument("--max-depth", type=int, default=defaults.max_depth,
                        help="subfolder levels searched below DIR")
@@ -55,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         limits = ScanLimits(args.max_depth, args.max_entries, args.max_seconds)
         report = check_dataset(args.directory, config, caption_extension=args.caption_extension,
-                               progress=not args.json and sys.stderr.isatty(), limits=limits)
+                               progress=not args.json and sys.stderr.isatty(), limits=limits,
+                               repeats=args.repeats)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -112,13 +112,20 @@ def scan_dataset(
     caption_extension: str = ".txt",
     limits: ScanLimits | None = None,
     cancel: threading.Event | None = None,
+    repeats: int = 1,
 ) -> ScanResult:
     """Find every image under `root` (recursively) with its caption and repeats.
 
+    `repeats` counts for images outside any kohya "N_name" folder (kohya's
+    `num_repeats`); such a folder's own count wins inside it.
     Never raises for bad content: problems are collected in `ScanResult.problems`.
-    Raises UserError for an invalid caption extension, and ScanStopped for a
-    system folder, a walk past `limits` or a set `cancel`.
+    Raises UserError for an invalid caption extension or repeats below 1, and
+    ScanStopped for a system folder, a walk past `limits` or a set `cancel`.
     """
+    if repeats < 1:
+        raise UserError(
+            f"Repeats = {repeats} is not usable: give 1 or more (dataset.repeats, or --repeats "
+            'of the check); to leave a folder out, name it "0_name" instead.')
     caption_exts = (normalise_caption_extension(caption_extension),)
     if caption_exts[0] != FALLBACK_CAPTION_EXTENSION:
         caption_exts += (FALLBACK_CAPTION_EXTENSION,)
@@ -129,20 +136,23 @@ def scan_dataset(
         what = "is not a folder" if root_path.exists() else "does not exist"
         result.error("missing_folder", DATASET_PATH, f"dataset folder {root_path} {what}")
         return result
-    context = _context_for(root_path.name, "", None)
+    context = _context_for(root_path.name, "", None, repeats)
     budget = ScanBudget(root_path, limits or ScanLimits(), cancel)
     _scan_folder(root_path, "", context, caption_exts, result, {os.path.realpath(root_path)},
                  budget)
     return result
 
 
-def _context_for(name: str, rel: str, parent: _Context | None) -> _Context:
+def _context_for(name: str, rel: str, parent: _Context | None, repeats: int = 1) -> _Context:
+    """`repeats` applies to the root; other folders without a prefix take their parent's."""
     match = _REPEATS_FOLDER.match(name)
     if match:
         return _Context(int(match.group(1)), match.group(2), rel or name, True)
     if parent is not None and parent.from_repeats_folder:
         return parent  # subfolders of "10_cat" are part of that dataset folder
-    return _Context(1, name, rel or name, False)
+    if parent is not None:
+        repeats = parent.repeats  # an unprefixed parent holds the dataset-wide count
+    return _Context(repeats, name, rel or name, False)
 
 
 def _scan_folder(

@@ -11,9 +11,11 @@ from gui import datasets, uploads, views
 from gui.datadir import safe_name
 from gui.handlers import Context, reports_to
 
-# The [dataset] settings the check shares with training, in its argument order.
+# The [dataset] settings the check shares with training: the bucket ones in
+# `datasets.check`'s argument order, then dataset.repeats.
 CHECK_KEYS = ("dataset.resolution", "dataset.buckets", "dataset.min_bucket",
-              "dataset.max_bucket", "dataset.bucket_step", "dataset.no_upscale")
+              "dataset.max_bucket", "dataset.bucket_step", "dataset.no_upscale",
+              "dataset.repeats")
 
 
 def build(ctx: Context) -> None:
@@ -128,8 +130,10 @@ def build(ctx: Context) -> None:
         if any(value is None for value in settings):
             raise UserError("A [dataset] number in the Train tab's Advanced settings is empty "
                             f"({', '.join(CHECK_KEYS)}); the check uses them, as training does.")
+        *bucket_settings, repeats = settings
         with cancels.running() as cancel:
-            result = datasets.check(str(path), *settings, ext, cancel=cancel)
+            result = datasets.check(str(path), *bucket_settings, ext, cancel=cancel,
+                                    repeats=int(repeats))
             if result.report is None:
                 raise UserError(result.message)
             tags = datasets.tag_counts(datasets.list_images(path, ext, cancel))

@@ -168,10 +168,11 @@ class CheckResult:
 
 def check(folder: str, resolution: int, buckets: bool, min_bucket: int, max_bucket: int,
           bucket_step: int, no_upscale: bool, caption_extension: str,
-          cancel: threading.Event | None = None) -> CheckResult:
+          cancel: threading.Event | None = None, *, repeats: int = 1) -> CheckResult:
+    """`repeats`: dataset.repeats, so that the report counts the samples training will see."""
     args = ["check", folder, "--json", "--resolution", str(resolution), "--bucket-step",
             str(bucket_step), "--min-bucket", str(min_bucket), "--max-bucket", str(max_bucket),
-            "--caption-extension", caption_extension]
+            "--caption-extension", caption_extension, "--repeats", str(repeats)]
     args += ([] if buckets else ["--no-buckets"]) + (["--no-upscale"] if no_upscale else [])
     result = run_cli(python_module("datasets_tools", *args), "The dataset check", timeout=1800,
                      cancel=cancel)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from core.atomic import atomic_writer
 from core.errors import UserError
+from core.run_layout import adapters_under, is_preview
 from gui import paths, views
 from gui.cli_runs import explain_failure, python_module, run_cli
 from gui.datadir import DataDirs
@@ -29,13 +30,11 @@ _SUMMARY_KEYS = ("modelspec.architecture", "modelspec.title", "modelspec.trigger
 
 def adapter_files(dirs: DataDirs, runner: JobRunner) -> list[Path]:
     """Every adapter in the app's outputs and in the output folders of its
-    jobs, newest first; training states (state/) are not adapters."""
+    jobs, newest first; training states are not adapters."""
     folders = {dirs.outputs} | {Path(job.output_dir) for job in runner.jobs()}
     found: set[Path] = set()
     for folder in folders:
-        if folder.is_dir():
-            found.update(p for p in folder.rglob("*.safetensors")
-                         if "state" not in p.relative_to(folder).parts[:-1])
+        found.update(adapters_under(folder))
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -107,8 +106,8 @@ def servable(path: Path, dirs: DataDirs) -> Path:
 
 
 def _is_preview(path: Path) -> bool:
-    """A PNG in a run's samples/ folder (trainer/preview.py names them stepNNNNNN-K.png)."""
-    if path.parent.name != "samples" or path.suffix != ".png" or not path.is_file():
+    """A PNG named and placed as a run's preview (core/run_layout.py)."""
+    if not is_preview(path) or not path.is_file():
         return False
     with open(path, "rb") as file:
         return file.read(8) == _PNG_SIGNATURE

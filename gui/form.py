@@ -1,4 +1,6 @@
-"""The training form, generated from the config schema (STYLE.md lesson 6).
+"""The training form, generated from the config schema: the one typed schema
+the CLI, the presets and the form all read, so the form is never kept in
+sync by hand.
 
 Each schema field becomes one input, keyed `section.key`: a Literal a
 dropdown, a bool a checkbox, a number a number box, a list of texts a

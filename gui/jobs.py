@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.errors import UserError
+from core.run_layout import RunLayout
 from core.run_lock import live_owner, process_start_time
 from gui.cli_runs import child_env
 from gui.datadir import REPO
 from gui.job_outcome import adopted_outcome, child_outcome
 from gui.job_record import Job, Status, load_jobs, save_job
 from gui.orphans import AdoptedTrainer, reconcile
-from gui.presets import saved_step
 from gui.run_files import read_tail
 
 __all__ = ["TRAINER", "Job", "JobRunner", "Status"]
@@ -189,7 +189,7 @@ class JobRunner:
             raise UserError(f"Job {job.id} ({job.name}) finished all its steps; raise "
                             "train.steps in the form and press Resume with no job chosen "
                             "to train it further.")
-        if saved_step(Path(job.output_dir)) is None:
+        if RunLayout(Path(job.output_dir)).saved_step() is None:
             raise UserError(f"Job {job.id} ({job.name}) saved no training state in "
                             f"{job.output_dir} before it ended, so there is nothing to resume; "
                             "press Start to train it from the beginning.")

@@ -7,16 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.run_layout import RunLayout
 from gui import views
+from gui.job_outcome import own_status
 from gui.jobs import Job, JobRunner, Status
-from gui.presets import saved_step
-from gui.run_files import (
-    MetricsReader,
-    log_lines,
-    newest_samples,
-    read_tail,
-    tqdm_total,
-)
+from gui.run_files import MetricsReader, log_lines, read_tail, tqdm_total
 
 _STATUS_WORDS = {
     Status.QUEUED: "Waiting for the running job to finish",
@@ -46,7 +41,7 @@ class Monitor:
         """(label, job id) of what Resume can continue, newest first."""
         choices = []
         for job in self.runner.resumable():
-            step = saved_step(Path(job.output_dir))
+            step = RunLayout(Path(job.output_dir)).saved_step()
             saved = f"saved at step {step}" if step is not None else "no saved state"
             choices.append((f"Job {job.id}: {job.name} ({job.status.value}, {saved})", job.id))
         return choices
@@ -56,22 +51,21 @@ class Monitor:
         job = self.shown_job()
         if job is None:
             return (self.runner.version,)
-        log = job.log_path
-        samples = Path(job.output_dir) / "samples"
-        return (self.runner.version, job.id, _size(log), _size(Path(job.output_dir) /
-                "metrics.jsonl"), samples.stat().st_mtime_ns if samples.is_dir() else 0)
+        run = RunLayout(Path(job.output_dir))
+        samples = run.samples.stat().st_mtime_ns if run.samples.is_dir() else 0
+        return (self.runner.version, job.id, _size(job.log_path), _size(run.metrics), samples)
 
     def view(self) -> dict[str, object]:
         job = self.shown_job()
         if job is None:
             return {"status": "No training yet: set up the form and press **Start**.",
                     "progress": "", "metrics": [], "samples": [], "log": "", "jobs": ""}
-        reader = self._readers.setdefault(job.id, MetricsReader(Path(job.output_dir) /
-                                                                "metrics.jsonl"))
+        run = RunLayout(Path(job.output_dir))
+        reader = self._readers.setdefault(job.id, MetricsReader(run.metrics))
         metrics = reader.read()
         tail = read_tail(job.log_path)
         last = metrics[-1] if metrics else None
-        total = tqdm_total(tail) or job.total_steps or None
+        total = _total_steps(job) or tqdm_total(tail) or job.total_steps or None
         if job.status in (Status.RUNNING, Status.STOPPING):
             progress = views.progress(last.step if last else 0, total, last)
         elif last is not None:
@@ -82,10 +76,18 @@ class Monitor:
             "status": _status(job),
             "progress": progress,
             "metrics": metrics,
-            "samples": [str(p) for p in newest_samples(Path(job.output_dir))],
+            "samples": [str(p) for p in run.newest_samples()],
             "log": "\n".join(log_lines(tail)),
             "jobs": _jobs_table(self.runner.jobs()),
         }
+
+
+def _total_steps(job: Job) -> int | None:
+    """The step count the job's trainer reports in status.json (known with
+    train.epochs too); the log's progress bar says it for one that keeps none."""
+    status = own_status(job, job.trainer)
+    total = status.get("total") if status is not None else None
+    return total if isinstance(total, int) and total > 0 else None
 
 
 def _status(job: Job) -> str:

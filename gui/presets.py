@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.atomic import atomic_write_text
 from core.errors import UserError
+from core.run_layout import RunLayout
 from gui.datadir import DataDirs, safe_name
 from gui.form import non_default_tables
 from trainer.config import TrainConfig, load_config, output_dir, preset_paths
@@ -80,13 +81,9 @@ def free_output_name(config: TrainConfig) -> str:
 def holds_run(folder: Path) -> bool:
     """A folder with an adapter or a saved training state: starting afresh there would
     overwrite work, so the GUI offers Resume or a new name instead."""
-    state = folder / "state"
-    return any(folder.glob("*.safetensors")) or (state.is_dir() and any(state.iterdir()))
+    return RunLayout(folder).holds_run()
 
 
 def saved_step(folder: Path) -> int | None:
-    """The step of the newest complete training state in a run folder
-    (trainer/state.py names them state-<step>), or None."""
-    steps = [int(p.name.split("-", 1)[1]) for p in (folder / "state").glob("state-*")
-             if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    return max(steps, default=None)
+    """The step of the newest complete training state in a run folder, or None."""
+    return RunLayout(folder).saved_step()

@@ -1,5 +1,5 @@
-"""Reading what a training run writes while it runs: `metrics.jsonl`,
-`samples/*.png` and the log, cheaply enough to do every second."""
+"""Reading what a training run writes while it runs: its metrics (where the
+files are: core/run_layout.py) and the log, cheaply enough to do every second."""
 
 from __future__ import annotations
 
@@ -72,14 +72,6 @@ def _from_record(record: dict) -> Metric:
         lr=float(record.get("lr", 0.0)), it_s=float(record.get("it_s", 0.0)),
         eta_s=float(record.get("eta_s", 0.0)), epoch=int(record.get("epoch", 0)),
     )  # fmt: skip
-
-
-def newest_samples(output_dir: Path, limit: int = 8) -> list[Path]:
-    """Preview images, newest step first (names are stepNNNNNN-K.png)."""
-    folder = output_dir / "samples"
-    if not folder.is_dir():
-        return []
-    return sorted(folder.glob("step*.png"), reverse=True)[:limit]
 
 
 def read_tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:

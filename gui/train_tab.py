@@ -14,6 +14,7 @@ from gui.form import KEYS, SPECS, config_to_values, overrides_between, values_to
 from gui.handlers import Context, reports_to
 from gui.jobs import Job, Status
 from gui.monitor import Monitor
+from networks.algorithms import choices as algorithm_choices
 from trainer.config import (
     DEMO,
     SECTIONS,
@@ -35,8 +36,7 @@ MAIN_ROWS = (
 MAIN = {key for row in MAIN_ROWS for key in row}
 ADVANCED_COLUMNS = 4
 # One choice for what the schema keeps in two fields (task and network.type).
-KINDS = [("LoRA", "lora"), ("LoCon (LoRA + convolutions)", "locon"), ("LoHa", "loha"),
-         ("LCM distillation (makes an LCM-LoRA)", "lcm_distill")]
+KINDS = [*algorithm_choices(), ("LCM distillation (makes an LCM-LoRA)", "lcm_distill")]
 
 
 def loss_frame(metrics):
@@ -87,7 +87,7 @@ def start_job(ctx: Context, preset: str | None, values) -> str:
     if config.dataset.path != DEMO:
         d = config.dataset
         result = check(d.path, d.resolution, d.buckets, d.min_bucket, d.max_bucket,
-                       d.bucket_step, d.no_upscale, d.caption_extension)
+                       d.bucket_step, d.no_upscale, d.caption_extension, repeats=d.repeats)
         if result.report is None:
             raise UserError(result.message)
         if not result.trainable:

@@ -11,10 +11,11 @@ from torch import nn
 from core.atomic import DEFAULT_ADVICE
 from core.errors import UserError
 
+from .algorithms import ALGORITHMS
 from .base import Dropout
 from .kohya_file import read_network_file, save_network_file
 from .metadata import ExportInfo, build_metadata
-from .network import AdapterNetwork, NetworkSpec
+from .network import DORA_OPTIONS, AdapterNetwork, NetworkSpec
 
 
 def export_network(
@@ -42,7 +43,9 @@ def load_network(
             "Is it an SD 1.x LoRA/LyCORIS file?"
         ) from exc
     if not network.adapters:
-        raise UserError(f"{path} holds no LoRA, LoCon or LoHa modules.")
+        names = ", ".join(a.label.split(" (")[0] for a in ALGORITHMS.values())
+        raise UserError(f"{path} holds no {names} modules: it is not an adapter this "
+                        "trainer can load.")
     network.spec = spec_from_metadata(metadata, network, dropout)
     return network
 
@@ -50,23 +53,48 @@ def load_network(
 def spec_from_metadata(
     metadata: dict[str, str], network: AdapterNetwork, dropout: Dropout
 ) -> NetworkSpec:
-    """The spec a file was trained with, from its `ss_*` keys, else its tensors."""
+    """The spec a file was trained with: ranks and alphas from its `ss_*` keys,
+    else its tensors; options from what its tensors show (they decide what a
+    loader applies), else from `ss_network_args`."""
     first = network.adapters[0]
     args = _json_or_empty(metadata.get("ss_network_args"))
     algorithm = args.get("algo") or first.algorithm
     if algorithm == "lora" and any(a.rank != first.rank for a in network.unet_adapters):
         algorithm = "locon"
+    if algorithm not in ALGORITHMS or ALGORITHMS[algorithm].module_class != (
+        ALGORITHMS[first.algorithm].module_class
+    ):
+        algorithm = first.algorithm
+    options = _file_options(algorithm, args, network)
+    shared = {k: options.pop(k) for k in ("tucker", *DORA_OPTIONS) if k in options}
     return NetworkSpec(
-        algorithm=algorithm if algorithm in ("lora", "locon", "loha") else first.algorithm,
+        algorithm=algorithm,
         rank=int(metadata.get("ss_network_dim", first.rank)),
         alpha=float(metadata.get("ss_network_alpha", float(first.alpha))),
         conv_rank=int(args.get("conv_dim", first.rank)),
         conv_alpha=float(args.get("conv_alpha", float(first.alpha))),
-        tucker=args.get("use_tucker") == "True",
         dropout=dropout,
         train_unet=bool(network.unet_adapters),
         train_text_encoder=bool(network.text_encoder_adapters),
+        options=options,
+        **shared,
     )
+
+
+def _file_options(algorithm: str, args: dict, network: AdapterNetwork) -> dict[str, object]:
+    """What the tensors show wins; `ss_network_args` fills in the rest."""
+    first = network.adapters[0]
+    shown = type(first).network_options([a for a in network.adapters if type(a) is type(first)])
+    options = {}
+    for option in ALGORITHMS[algorithm].options:
+        if option.name in shown:
+            options[option.name] = shown[option.name]
+        elif option.arg in args:
+            try:
+                options[option.name] = option.from_arg(str(args[option.arg]))
+            except ValueError:
+                options[option.name] = option.default
+    return options
 
 
 def _json_or_empty(text: str | None) -> dict:

@@ -1,5 +1,5 @@
 """The hashes A1111's "additional networks" tooling and Civitai read
-(FORMATS.md section 5): both cover the tensor data only, not the header, so
+(kohya sd-scripts' `sshs_*` keys): both cover the tensor data only, not the header, so
 they can be stored in the header itself."""
 
 from __future__ import annotations

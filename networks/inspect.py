@@ -17,10 +17,12 @@ import torch
 
 from core.errors import UserError
 
+from .algorithms import file_algorithm
+from .base import shape_text
 from .file_header import UnreadableFile, read_header
 from .kohya_file import read_network_file
 from .network import group_by_module
-from .registry import module_class_for_keys
+from .registry import module_class
 from .targets import TEXT_ENCODER_BLOCKS, TEXT_ENCODER_PREFIX, UNET_PREFIX
 
 TE_LAYER_SUFFIXES = tuple(
@@ -38,6 +40,8 @@ class Inspection:
     algorithms: dict[str, int] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     alphas: dict[str, int] = field(default_factory=dict)
+    # DoRA modules by the axis of their magnitude: "input" / "output" channels.
+    dora: dict[str, int] = field(default_factory=dict)
     unet_modules: int = 0
     text_encoder_modules: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)
@@ -105,15 +109,15 @@ def _inspect_module(
     lora_name: str, module_tensors: dict[str, torch.Tensor], found: _Found, report: Inspection
 ) -> None:
     suffixes = set(module_tensors)
-    module_cls = module_class_for_keys(suffixes)
+    algorithm = file_algorithm(suffixes)
     found.dtypes.update(str(t.dtype).removeprefix("torch.") for t in module_tensors.values())
     found.non_finite += [f"{lora_name}.{s}" for s, t in module_tensors.items()
                          if _has_non_finite(t)]
-    if module_cls is None or not lora_name.startswith(KNOWN_PREFIXES):
+    if algorithm is None or not lora_name.startswith(KNOWN_PREFIXES):
         found.unknown.append(lora_name)
         return
-    found.algorithms[module_cls.algorithm] += 1
-    rank, shape_problem = _rank_and_shapes(module_cls.algorithm, module_tensors)
+    found.algorithms[algorithm.name] += 1
+    rank, shape_problem = module_class(algorithm.name).check_file_tensors(module_tensors)
     found.ranks[str(rank)] += 1
     alpha, alpha_problem = _alpha(module_tensors.get("alpha"), rank)
     found.alphas[alpha] += 1
@@ -150,71 +154,12 @@ def _report_module_problems(bad: dict[str, list[str]], report: Inspection) -> No
             "by 0 (no effect), A1111 and kohya by 1 (as if alpha = rank).")
 
 
-def _rank_and_shapes(algorithm: str, t: dict[str, torch.Tensor]) -> tuple[int, str | None]:
-    """The module's rank and, when its tensors do not fit together, why."""
-    if algorithm == "loha":
-        return _loha_shapes(t)
-    down, up, mid = t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight")
-    if down.dim() not in (2, 4) or up.dim() != down.dim():
-        return _first_dim(down), (f"lora_down {_shape(down)} and lora_up {_shape(up)} are not "
-                                  "both 2-D (linear) or both 4-D (conv)")
-    rank = down.shape[0]
-    if mid is None:
-        if up.shape[1] != rank:
-            return rank, (f"lora_down has rank {rank} ({_shape(down)}) but lora_up has rank "
-                          f"{up.shape[1]} ({_shape(up)})")
-    elif (down.dim() != 4 or tuple(down.shape[2:]) != (1, 1) or mid.dim() != 4
-          or mid.shape[1] != rank or up.shape[1] != mid.shape[0]):
-        return rank, (f"Tucker lora_down {_shape(down)}, lora_mid {_shape(mid)} and lora_up "
-                      f"{_shape(up)} do not chain (rank x in x 1 x 1, rank x rank x k x k, "
-                      "out x rank x 1 x 1)")
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        return rank, f"lora_up {_shape(up)} is not a 1x1 convolution"
-    return rank, None
-
-
-def _loha_shapes(t: dict[str, torch.Tensor]) -> tuple[int, str | None]:
-    w1_a, w1_b, w2_a, w2_b = (t[f"hada_w{i}_{s}"] for i in (1, 2) for s in ("a", "b"))
-    t1, t2 = t.get("hada_t1"), t.get("hada_t2")
-    rank = _first_dim(w1_b)
-    shapes = ", ".join(f"hada_w{i}_{s} {_shape(x)}" for (i, s), x in zip(
-        ((1, "a"), (1, "b"), (2, "a"), (2, "b")), (w1_a, w1_b, w2_a, w2_b), strict=True))
-    if any(x.dim() != 2 for x in (w1_a, w1_b, w2_a, w2_b)):
-        return rank, f"the hada_w tensors are not all 2-D ({shapes})"
-    if (t1 is None) != (t2 is None):
-        return rank, "only one of hada_t1 and hada_t2 is present (Tucker needs both)"
-    if t1 is None:  # (out, r) @ (r, in) for each factor
-        fits = w1_a.shape[1] == w1_b.shape[0] and w2_a.shape[1] == w2_b.shape[0]
-        same_size = w1_a.shape[0] == w2_a.shape[0] and w1_b.shape[1] == w2_b.shape[1]
-    else:  # t (r, r, k, k) with w_a (r, out), w_b (r, in)
-        fits = all(x.dim() == 4 and x.shape[0] == a.shape[0] and x.shape[1] == b.shape[0]
-                   for x, a, b in ((t1, w1_a, w1_b), (t2, w2_a, w2_b)))
-        same_size = (w1_a.shape[1] == w2_a.shape[1] and w1_b.shape[1] == w2_b.shape[1]
-                     and t1.shape[2:] == t2.shape[2:])
-        shapes += f", hada_t1 {_shape(t1)}, hada_t2 {_shape(t2)}"
-    if not fits:
-        return rank, f"the factors' ranks do not match ({shapes})"
-    if w1_b.shape[0] != w2_b.shape[0]:
-        return rank, f"hada_w1 has rank {w1_b.shape[0]} but hada_w2 rank {w2_b.shape[0]}"
-    if not same_size:
-        return rank, f"the two Hadamard factors are not the same size ({shapes})"
-    return rank, None
-
-
-def _first_dim(x: torch.Tensor) -> int:
-    return x.shape[0] if x.dim() else 1
-
-
-def _shape(x: torch.Tensor) -> str:
-    return str(tuple(x.shape))
-
-
 def _alpha(alpha: torch.Tensor | None, rank: int) -> tuple[str, str | None]:
     """How alpha is shown in the summary, and what is wrong with it, if anything."""
     if alpha is None:
         return f"missing (scale 1, as alpha={rank})", None
     if alpha.numel() != 1:
-        return "invalid", f"alpha has shape {_shape(alpha)}, not one number"
+        return "invalid", f"alpha has shape {shape_text(alpha)}, not one number"
     value = float(alpha)
     if math.isnan(value) or math.isinf(value):
         return "invalid", f"alpha is {value}"
@@ -246,9 +191,21 @@ def _check_dora(
     lora_name: str, module_tensors: dict[str, torch.Tensor], report: Inspection
 ) -> None:
     scale = module_tensors.get("dora_scale")
-    if scale is not None and scale.dim() >= 2 and scale.shape[1] == 1 and scale.shape[0] > 1:
+    if scale is None:
+        return
+    on_output = scale.dim() >= 2 and scale.shape[1] == 1 and scale.shape[0] > 1
+    axis = "output" if on_output else "input"
+    report.dora[axis] = report.dora.get(axis, 0) + 1
+    if not on_output:
         _once(
-            report.warnings, "dora_scale of shape (out, 1): ComfyUI and A1111 disagree on its axis."
+            report.warnings, "dora_scale of shape (1, in) (DoRA per input channel, as A1111 and "
+            "ComfyUI apply it): lycoris 4.1 loads it only when set to wd_on_output=False; its "
+            "loader from a file assumes the output axis."
+        )
+    if on_output:
+        _once(
+            report.warnings, "dora_scale of shape (out, 1) (DoRA per output channel): A1111 "
+            "applies it wrongly and ComfyUI has an open bug for it; lycoris loads it as trained."
         )
 
 
@@ -264,6 +221,8 @@ def format_report(report: Inspection) -> str:
     )
     lines.append("Ranks: " + ", ".join(f"{r} x{n}" for r, n in report.ranks.items()))
     lines.append("Alphas: " + ", ".join(f"{a} x{n}" for a, n in report.alphas.items()))
+    if report.dora:
+        lines.append("DoRA: " + ", ".join(f"{axis} axis x{n}" for axis, n in report.dora.items()))
     lines.append(
         f"Modules: U-Net {report.unet_modules}, text encoder {report.text_encoder_modules}"
     )

@@ -1,4 +1,4 @@
-"""Reading and writing kohya-format adapter files (FORMATS.md sections 1, 3, 5)."""
+"""Reading and writing kohya-format adapter files."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ so the delta path runs like a rank-r^2 LoRA. At high rank, where that path would
 cost more than the layer itself, the delta weight is built instead; then
 `HadamardDelta` saves only the small factors and recomputes the products in
 backward, as LyCORIS does.
-Init follows FORMATS.md section 3: w2_a = 0, w1_a ~ N(0, 0.1), w1_b, w2_b ~ N(0, 1),
+Init as LyCORIS: w2_a = 0, w1_a ~ N(0, 0.1), w1_b, w2_b ~ N(0, 1),
 so the delta starts at exactly 0.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, Dropout, apply_weight
+from .base import AdapterModule, Dropout, apply_weight, first_dim, shape_text
 
 
 class HadamardDelta(torch.autograd.Function):
@@ -51,7 +51,7 @@ def rebuild_tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> tor
 
 
 def loha_delta_weight(tensors: dict[str, torch.Tensor], out_shape: torch.Size) -> torch.Tensor:
-    """Unscaled delta W from file-layout tensors (FORMATS.md section 3)."""
+    """Unscaled delta W from file-layout tensors (the LyCORIS layout)."""
     if "hada_t1" in tensors:
         return rebuild_tucker(tensors["hada_t1"], tensors["hada_w1_a"], tensors["hada_w1_b"]) * (
             rebuild_tucker(tensors["hada_t2"], tensors["hada_w2_a"], tensors["hada_w2_b"])
@@ -160,9 +160,34 @@ class LoHaModule(AdapterModule):
         return F.conv2d(hidden, up[..., None, None])
 
     # --- file format ----------------------------------------------------
-    @staticmethod
-    def recognises(suffixes: set[str]) -> bool:
-        return {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= suffixes
+    @classmethod
+    def check_file_tensors(cls, t: dict[str, torch.Tensor]) -> tuple[int, str | None]:
+        """The module's rank and, when its tensors do not fit together, why."""
+        w1_a, w1_b, w2_a, w2_b = (t[f"hada_w{i}_{s}"] for i in (1, 2) for s in ("a", "b"))
+        t1, t2 = t.get("hada_t1"), t.get("hada_t2")
+        rank = first_dim(w1_b)
+        shapes = ", ".join(f"hada_w{i}_{s} {shape_text(x)}" for (i, s), x in zip(
+            ((1, "a"), (1, "b"), (2, "a"), (2, "b")), (w1_a, w1_b, w2_a, w2_b), strict=True))
+        if any(x.dim() != 2 for x in (w1_a, w1_b, w2_a, w2_b)):
+            return rank, f"the hada_w tensors are not all 2-D ({shapes})"
+        if (t1 is None) != (t2 is None):
+            return rank, "only one of hada_t1 and hada_t2 is present (Tucker needs both)"
+        if t1 is None:  # (out, r) @ (r, in) for each factor
+            fits = w1_a.shape[1] == w1_b.shape[0] and w2_a.shape[1] == w2_b.shape[0]
+            same_size = w1_a.shape[0] == w2_a.shape[0] and w1_b.shape[1] == w2_b.shape[1]
+        else:  # t (r, r, k, k) with w_a (r, out), w_b (r, in)
+            fits = all(x.dim() == 4 and x.shape[0] == a.shape[0] and x.shape[1] == b.shape[0]
+                       for x, a, b in ((t1, w1_a, w1_b), (t2, w2_a, w2_b)))
+            same_size = (w1_a.shape[1] == w2_a.shape[1] and w1_b.shape[1] == w2_b.shape[1]
+                         and t1.shape[2:] == t2.shape[2:])
+            shapes += f", hada_t1 {shape_text(t1)}, hada_t2 {shape_text(t2)}"
+        if not fits:
+            return rank, f"the factors' ranks do not match ({shapes})"
+        if w1_b.shape[0] != w2_b.shape[0]:
+            return rank, f"hada_w1 has rank {w1_b.shape[0]} but hada_w2 rank {w2_b.shape[0]}"
+        if not same_size:
+            return rank, f"the two Hadamard factors are not the same size ({shapes})"
+        return rank, None
 
     @classmethod
     def from_tensors(

@@ -1,5 +1,5 @@
 """The safetensors header of an exported adapter: kohya `ss_*` keys and
-Stability's ModelSpec 1.0.1 (FORMATS.md section 5). All values are strings."""
+Stability's ModelSpec 1.0.1. All values are strings."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from .algorithms import ALGORITHMS
 from .network import NetworkSpec
 
 MODELSPEC_REQUIRED = (
@@ -52,11 +53,17 @@ class ExportInfo:
 
 
 def network_args(spec: NetworkSpec) -> dict[str, str]:
+    """`ss_network_args` as LyCORIS writes it: the algorithm, conv ranks, and
+    each option under its LyCORIS name. Options at their default are left out
+    (files read the same), except that a DoRA file always says its axis."""
     args = {"algo": spec.algorithm}
     if spec.targets_conv:
         args |= {"conv_dim": str(spec.conv_rank), "conv_alpha": str(_num(spec.conv_alpha))}
-    if spec.tucker:
-        args["use_tucker"] = "True"
+    values = spec.option_values()
+    for option in ALGORITHMS[spec.algorithm].options:
+        value = values[option.name]
+        if value != option.default or (option.name == "dora_on_output" and spec.dora):
+            args[option.arg] = option.to_arg(value)
     return args
 
 
@@ -66,7 +73,10 @@ def build_metadata(spec: NetworkSpec, info: ExportInfo) -> dict[str, str]:
     prediction = "v" if info.v_parameterization else "epsilon"
     meta = {
         # kohya: LyCORIS algorithms name lycoris' module, plain LoRA kohya's.
-        "ss_network_module": "networks.lora" if spec.algorithm == "lora" else "lycoris.kohya",
+        # kohya's own module has no DoRA.
+        "ss_network_module": (
+            "networks.lora" if spec.algorithm == "lora" and not spec.dora else "lycoris.kohya"
+        ),
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": str(_num(spec.alpha)),
         "ss_network_args": json.dumps(network_args(spec)),

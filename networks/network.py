@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import dora as dora_math
+from .algorithms import ALGORITHMS
 from .base import AdapterModule, Dropout
-from .registry import ALGORITHMS, ALGORITHMS_WITH_CONV, module_class_for_keys
+from .registry import module_class, module_class_for_keys
 from .targets import (
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
@@ -23,7 +25,9 @@ from .targets import (
 @dataclass(frozen=True)
 class NetworkSpec:
     """What to build. rank/alpha for Linear and 1x1 layers, conv_rank/conv_alpha
-    for k x k convs (kohya's convention); conv layers only for locon/loha."""
+    for k x k convs (kohya's convention); conv layers only for the algorithms
+    that target them. tucker/dora/dora_on_output are the options several
+    algorithms share; `options` holds an algorithm's own ones (networks.algorithms)."""
 
     algorithm: str = "lora"
     rank: int = 16
@@ -34,18 +38,40 @@ class NetworkSpec:
     dropout: Dropout = field(default_factory=Dropout)
     train_unet: bool = True
     train_text_encoder: bool = True
+    dora: bool = False
+    dora_on_output: bool = False
+    options: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(
                 f"unknown algorithm {self.algorithm!r}; choose from {sorted(ALGORITHMS)}"
             )
-        if self.rank < 1 or (self.algorithm in ALGORITHMS_WITH_CONV and self.conv_rank < 1):
+        if self.rank < 1 or (self.targets_conv and self.conv_rank < 1):
             raise ValueError("rank and conv_rank must be at least 1")
+        allowed = set(ALGORITHMS[self.algorithm].option_names)
+        unknown = set(self.options) - allowed
+        if unknown:
+            raise ValueError(f"{self.algorithm} has no option {sorted(unknown)[0]!r}")
 
     @property
     def targets_conv(self) -> bool:
-        return self.algorithm in ALGORITHMS_WITH_CONV
+        return ALGORITHMS[self.algorithm].targets_conv
+
+    def option_values(self) -> dict[str, object]:
+        """Every option of the algorithm with its value here (defaults filled in)."""
+        shared = {"tucker": self.tucker, "dora": self.dora, "dora_on_output": self.dora_on_output}
+        return {
+            option.name: self.options.get(option.name, shared.get(option.name, option.default))
+            for option in ALGORITHMS[self.algorithm].options
+        }
+
+    def module_kwargs(self) -> dict[str, object]:
+        """The options the module constructor takes (DoRA is added on top by the base)."""
+        return {k: v for k, v in self.option_values().items() if k not in DORA_OPTIONS}
+
+
+DORA_OPTIONS = ("dora", "dora_on_output")
 
 
 class AdapterNetwork(nn.Module):
@@ -62,25 +88,23 @@ class AdapterNetwork(nn.Module):
     def create(
         cls, spec: NetworkSpec, unet: nn.Module | None = None, text_encoder: nn.Module | None = None
     ) -> AdapterNetwork:
-        module_cls = ALGORITHMS[spec.algorithm]
-        adapters = []
+        module_cls, kwargs = module_class(spec.algorithm), spec.module_kwargs()
+        layers = []
         if unet is not None and spec.train_unet:
             for target in unet_targets(unet, conv=spec.targets_conv):
-                rank, alpha = (
-                    (spec.conv_rank, spec.conv_alpha)
-                    if target.is_conv_kxk
-                    else (spec.rank, spec.alpha)
-                )
-                adapters.append(
-                    module_cls(
-                        target.lora_name, target.layer, rank, alpha, spec.dropout, spec.tucker
-                    )
-                )
+                kxk = target.is_conv_kxk
+                layers.append((target, spec.conv_rank if kxk else spec.rank,
+                               spec.conv_alpha if kxk else spec.alpha))
         if text_encoder is not None and spec.train_text_encoder:
-            for target in text_encoder_targets(text_encoder):
-                adapters.append(
-                    module_cls(target.lora_name, target.layer, spec.rank, spec.alpha, spec.dropout)
-                )
+            layers += [(t, spec.rank, spec.alpha) for t in text_encoder_targets(text_encoder)]
+        adapters = []
+        for target, rank, alpha in layers:
+            adapter = module_cls(
+                target.lora_name, target.layer, rank, alpha, spec.dropout, **kwargs
+            )
+            if spec.dora:
+                adapter.enable_dora(on_output=spec.dora_on_output)
+            adapters.append(adapter)
         network = cls(adapters, spec)
         network.to(device=_device_of(unet, text_encoder))
         return network
@@ -103,7 +127,10 @@ class AdapterNetwork(nn.Module):
             if layer is None or module_cls is None:
                 unmatched.append(lora_name)
                 continue
-            adapters.append(module_cls.from_tensors(lora_name, layer, module_tensors, dropout))
+            adapter = module_cls.from_tensors(lora_name, layer, module_tensors, dropout)
+            if "dora_scale" in module_tensors:
+                load_dora_scale(adapter, module_tensors["dora_scale"])
+            adapters.append(adapter)
         if unmatched:
             raise KeyError(
                 f"{len(unmatched)} modules in the file match no layer of this model, "
@@ -165,6 +192,18 @@ class AdapterNetwork(nn.Module):
             if params:
                 groups.append({"params": params, "lr": lr})
         return groups
+
+
+@torch.no_grad()
+def load_dora_scale(adapter: AdapterModule, magnitude: torch.Tensor) -> None:
+    """DoRA on a module read from a file, on the axis its `dora_scale` shape
+    shows. Raises KeyError naming the module when the shape fits no axis."""
+    try:
+        on_output = dora_math.axis_of(magnitude, adapter.base.weight.shape)
+    except ValueError as exc:
+        raise KeyError(f"{adapter.lora_name}: {exc}") from None
+    adapter.enable_dora(on_output)
+    adapter.dora_scale.copy_(magnitude)
 
 
 def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

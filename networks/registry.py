@@ -1,25 +1,32 @@
-"""Algorithm name -> module class. Drives the config choices, the GUI dropdown
-and file loading (each class recognises its own keys)."""
+"""Algorithm name -> module class, resolved from the torch-free registry in
+`networks.algorithms` (which the config schema and the GUI read instead)."""
 
 from __future__ import annotations
 
-from .base import AdapterModule
-from .loha import LoHaModule
-from .lora import LoRAModule
+import importlib
+from functools import cache
 
-# "locon" is LoRA placed on the conv layers too; files do not tell them apart
-# except by which layers they cover.
-ALGORITHMS: dict[str, type[AdapterModule]] = {
-    "lora": LoRAModule,
-    "locon": LoRAModule,
-    "loha": LoHaModule,
-}
-ALGORITHMS_WITH_CONV = frozenset({"locon", "loha"})
-FILE_MODULE_CLASSES: tuple[type[AdapterModule], ...] = (LoRAModule, LoHaModule)
+from .algorithms import ALGORITHMS, Algorithm, file_algorithm
+from .base import AdapterModule
+
+ALGORITHMS_WITH_CONV = frozenset(a.name for a in ALGORITHMS.values() if a.targets_conv)
+
+
+@cache
+def module_class(name: str) -> type[AdapterModule]:
+    """The class implementing algorithm `name` (imported on first use)."""
+    module_name, _, class_name = ALGORITHMS[name].module_class.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not issubclass(cls, AdapterModule):
+        raise TypeError(f"{ALGORITHMS[name].module_class} is not an AdapterModule")
+    return cls
+
+
+def algorithm_for_keys(suffixes: set[str]) -> Algorithm | None:
+    return file_algorithm(suffixes)
 
 
 def module_class_for_keys(suffixes: set[str]) -> type[AdapterModule] | None:
-    for cls in FILE_MODULE_CLASSES:
-        if cls.recognises(suffixes):
-            return cls
-    return None
+    """The class that loads a file module with these tensor suffixes."""
+    algorithm = file_algorithm(suffixes)
+    return None if algorithm is None else module_class(algorithm.name)

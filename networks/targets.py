@@ -1,4 +1,4 @@
-"""Which layers get an adapter, and their kohya names (FORMATS.md sections 1-2).
+"""Which layers get an adapter, and their kohya names (as kohya sd-scripts).
 
 Targets are found by the kind of block that contains them (a table of block
 classes), never by matching class-name strings.

@@ -146,6 +146,24 @@ def test_valid_dataset_is_trainable_with_warnings(tmp_path: Path, capsys) -> Non
         "Trainable: 4 images, 12 samples per epoch with repeats, 1 warning.")
 
 
+def test_repeats_multiply_unprefixed_images_in_the_report_and_the_cli(tmp_path, capsys) -> None:
+    build_valid_dataset(tmp_path)  # 5_sks holds 2 images, extra/ 2 without a prefix
+    assert check_dataset(tmp_path, CONFIG, repeats=3).samples_per_epoch == 5 + 5 + 3 + 3
+    assert main(["check", str(tmp_path), *CLI_BUCKETS, "--repeats", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples_per_epoch"] == 5 + 5 + 4 + 4
+    assert main(["check", str(tmp_path), "--repeats", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: Repeats = 0 is not usable")
+
+
+def test_the_gui_check_passes_dataset_repeats_to_the_cli(tmp_path: Path) -> None:
+    from gui.datasets import check
+
+    build_valid_dataset(tmp_path)
+    result = check(str(tmp_path), 128, True, 64, 256, 32, False, ".txt", repeats=3)
+    assert result.trainable and result.report["samples_per_epoch"] == 5 + 5 + 3 + 3
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--resolution", "500"], "error: Resolution 500 is not a positive multiple of 8"),
     (["--min-bucket", "1024"], "error: Bucket sides must satisfy"),

@@ -45,6 +45,28 @@ def test_root_named_like_a_repeats_folder(tmp_path: Path) -> None:
     assert (item.repeats, item.class_token) == (5, "ohwx")
 
 
+def test_repeats_count_outside_prefixed_folders_and_a_prefix_keeps_its_own(tmp_path: Path
+                                                                           ) -> None:
+    root = tmp_path / "data"
+    save_image(root / "top.png", caption="top")
+    save_image(root / "plain" / "deeper" / "a.png", seed=1, caption="a")
+    save_image(root / "10_sks" / "b.png", seed=2, caption="b")
+    save_image(root / "10_sks" / "more" / "c.png", seed=3, caption="c")
+    save_image(root / "plain" / "2_cat" / "d.png", seed=4, caption="d")
+    got = {rel: i.repeats for rel, i in by_rel(scan_dataset(root, repeats=3)).items()}
+    assert got == {"top.png": 3, "plain/deeper/a.png": 3, "10_sks/b.png": 10,
+                   "10_sks/more/c.png": 10, "plain/2_cat/d.png": 2}
+    [prefixed_root] = scan_dataset(root / "10_sks" / "more", repeats=3).items
+    assert prefixed_root.repeats == 3  # "more" has no prefix; its parent is outside the scan
+
+
+@pytest.mark.parametrize("repeats", [0, -2])
+def test_repeats_below_one_are_refused_naming_the_setting(tmp_path: Path, repeats: int) -> None:
+    save_image(tmp_path / "a.png", caption="a")
+    with pytest.raises(UserError, match=rf"Repeats = {repeats} .*dataset.repeats.*0_name"):
+        scan_dataset(tmp_path, repeats=repeats)
+
+
 def test_captions_txt_caption_and_configurable_extension(tmp_path: Path) -> None:
     save_image(tmp_path / "a.png", seed=1)
     (tmp_path / "a.txt").write_text("from txt\n", encoding="utf-8")

@@ -89,3 +89,28 @@ def test_cached_latent_batches_match_the_pixels_they_come_from(tmp_path: Path, v
 def test_random_crop_with_cached_latents_is_refused(tmp_path: Path, vae) -> None:
     with pytest.raises(UserError, match="Random crop cannot be combined"):
         TrainingData([], DataOptions(crop="random"), LatentCache(vae, "vae"))
+
+
+def test_dataset_repeats_change_the_trainers_plan_but_not_a_prefixed_folder(tmp_path: Path
+                                                                           ) -> None:
+    from trainer.config import load_config
+    from trainer.train_setup import check_dataset_or_refuse, data_options, total_steps
+
+    dataset(tmp_path)  # 3_cat: 3 images x 3, 1_dog: 1 image x 1
+    save_image(tmp_path / "plain" / "e.png", (64, 64), seed=5, caption="plain, h")
+    save_image(tmp_path / "f.png", (64, 64), seed=6, caption="top, i")
+
+    def plan(repeats: int) -> tuple[dict[str, int], int, int]:
+        config = load_config(None, [f"dataset.path={str(tmp_path)!r}", "dataset.resolution=64",
+                                    "dataset.buckets=false", "train.epochs=2",
+                                    f"dataset.repeats={repeats}"])
+        items = check_dataset_or_refuse(config).items
+        sampler = TrainingData(items, data_options(config, 1)).sampler
+        return ({i.rel_path: i.repeats for i in items}, sampler.samples_per_epoch,
+                total_steps(config, items, 1))
+
+    counts, samples, steps = plan(5)
+    assert counts == {"3_cat/a.png": 3, "3_cat/b.png": 3, "3_cat/c.png": 3, "1_dog/d.jpg": 1,
+                      "plain/e.png": 5, "f.png": 5}
+    assert (samples, steps) == (9 + 1 + 5 + 5, 2 * 20)
+    assert plan(1)[1:] == (9 + 1 + 1 + 1, 2 * 12)

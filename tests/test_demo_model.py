@@ -37,7 +37,8 @@ def _layout(model):
 
 
 def _lora_targets(unet, text_encoder):
-    """FORMATS.md section 2: Linear and 1x1 Conv2d inside Transformer2DModel; six TE kinds."""
+    """docs/FORMATS.md "Targeted modules": Linear and 1x1 Conv2d inside
+    Transformer2DModel; six TE kinds."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     unet_names = set()

@@ -4,8 +4,11 @@ every way a run can end, explained in words."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from core import run_lock
 from gui.cli_runs import error_message, explain_failure
+from gui.job_outcome import child_outcome, done_message, stopped_message
 from gui.jobs import Job, JobRunner, Status
 from gui.monitor import Monitor
 from gui.run_files import MetricsReader, log_lines, tqdm_total
@@ -152,6 +157,27 @@ def test_job_records_of_older_and_newer_versions_load(tmp_path):
     (job,) = make_runner(tmp_path).jobs()
     assert (job.id, job.status, job.pid) == (3, Status.STOPPED, None)
     assert job.folder == str(tmp_path / "jobs" / "0003")  # where it is now
+
+
+def test_how_a_child_ended_comes_from_its_status_json_not_its_output(tmp_path):
+    me = os.getpid()
+    job = Job(id=1, name="run", config="c.toml", overrides=[], output_dir=str(tmp_path),
+              status=Status.RUNNING, started_at=time.time() - 5, pid=me,
+              pid_start=run_lock.process_start_time(me), host=socket.gethostname())
+    misleading = "done: 9 steps, adapter written to /elsewhere.safetensors\n"
+    run_lock.write_status(tmp_path, run_lock.STOPPED, 3, 9)
+    assert child_outcome(job, 0, misleading) == (Status.STOPPED, stopped_message(3), "")
+    run_lock.write_status(tmp_path, run_lock.FAILED, 3, 9, error="The disk is full.")
+    assert child_outcome(job, 2, "error: (cut off)") == (Status.FAILED, "The disk is full.", "")
+    final = tmp_path / "run.safetensors"
+    run_lock.write_status(tmp_path, run_lock.DONE, 9, 9, files={"final": str(final)})
+    assert child_outcome(job, 0, "") == (Status.DONE, done_message(9), str(final))
+    # Written by another process (an earlier run in the folder): not this job's
+    # word. A clean exit then means done only if the final adapter is there.
+    other = dataclasses.replace(job, pid=me + 1)
+    assert child_outcome(other, 0, misleading) == (Status.STOPPED, stopped_message(None), "")
+    final.write_bytes(b"")
+    assert child_outcome(other, 0, "") == (Status.DONE, done_message("all"), str(final))
 
 
 # --- explaining how a child ended (gui/cli_runs.py), as a table --------------

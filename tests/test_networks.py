@@ -145,3 +145,54 @@ def test_gradients_flow_only_to_adapters(sd, inputs):
     grads = [p.grad for p in network.parameters()]
     assert all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+# --- network.resume_from: the file decides -----------------------------------------
+def resume_file(sd, tmp_path):
+    from networks.export import export_network
+    from networks.metadata import ExportInfo
+
+    path = tmp_path / "old.safetensors"
+    spec = NetworkSpec("locon", rank=4, alpha=2, conv_rank=3, conv_alpha=1, dora=True)
+    network = AdapterNetwork.create(spec, sd.unet, sd.text_encoder)
+    randomize(network)
+    export_network(network, path, ExportInfo(), "fp32")
+    return path, network.state_dict()
+
+
+def test_resume_from_takes_the_algorithm_ranks_and_options_from_the_file(sd, tmp_path):
+    from trainer.config import load_config
+    from trainer.train_setup import build_network
+
+    path, saved = resume_file(sd, tmp_path)
+    config = load_config(None, [f"network.resume_from={path}", "network.rank=4"])
+    network = build_network(config, sd)
+    spec = network.spec
+    assert (spec.algorithm, spec.rank, spec.alpha, spec.conv_rank, spec.conv_alpha) == (
+        "locon", 4, 2.0, 3, 1.0)
+    assert spec.dora and not spec.dora_on_output and not spec.tucker
+    assert spec.dropout == config.network.to_spec().dropout  # training settings stay the config's
+    for key, tensor in network.state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
+    network.detach()
+
+
+@pytest.mark.parametrize("setting, mine, theirs", [
+    ("network.rank=8", "network.rank = 8", "rank = 4"),
+    ("network.type=loha", 'network.type = "loha"', 'type = "locon"'),
+    ("network.conv_alpha=2", "network.conv_alpha = 2", "conv_alpha = 1"),
+])  # fmt: skip
+def test_resume_from_refuses_a_config_that_contradicts_the_file(
+    setting, mine, theirs, sd, tmp_path
+):
+    from core.errors import UserError
+    from trainer.config import load_config
+    from trainer.train_setup import build_network
+
+    path, _ = resume_file(sd, tmp_path)
+    config = load_config(None, [f"network.resume_from={path}", setting])
+    with pytest.raises(UserError) as raised:
+        build_network(config, sd)
+    message = str(raised.value)
+    assert message.startswith(f"{mine} contradicts network.resume_from = \"{path}\", "
+                              f"which holds {theirs}.")

@@ -1,5 +1,6 @@
-"""Target sets and key names on the real SD1.5 architecture (FORMATS.md section 2),
-built on the meta device: the structure is real, no weights are allocated."""
+"""Target sets and key names on the real SD1.5 architecture
+(docs/FORMATS.md "Targeted modules"), built on the meta device: the
+structure is real, no weights are allocated."""
 
 from __future__ import annotations
 

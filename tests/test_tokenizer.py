@@ -1,4 +1,5 @@
-"""The offline CLIP tokenizer reproduces SD1.x's (docs/FORMATS.md section 7)."""
+"""The offline CLIP tokenizer reproduces SD1.x's
+(docs/FORMATS.md "The CLIP tokenizer offline")."""
 
 import pytest
 

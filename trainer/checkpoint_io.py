@@ -71,7 +71,7 @@ def read_checkpoint(path: Path, allow_pickle: bool = False) -> dict:
     if not allow_pickle:
         raise UserError(
             f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; expected "
-            "a .safetensors file, so convert it, or allow pickle checkpoints (allow_pickle) "
+            "a .safetensors file, so convert it, or set model.allow_pickle = true "
             "only if you trust where it came from."
         )
     try:

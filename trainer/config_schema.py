@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from networks.algorithms import ALGORITHMS, algorithms_using, all_options
 
 DEMO = "demo"  # model.path / dataset.path value meaning the built-in demo model / dataset
 VAE_FACTOR = 8  # the SD VAE downsamples by 8: every pixel size must be a multiple of it
@@ -62,7 +64,8 @@ class DatasetConfig(Section):
     cache_latents: Literal["memory", "disk", "off"] = Field("memory", description="Encode "
         "images with the VAE once (disk: kept across runs); off: encode at every step.")
     trigger_word: str = Field("", description="Put in front of every caption (e.g. 'sks').")
-    repeats: int = Field(1, ge=1, description='Repeats for folders without an "N_" prefix.')
+    repeats: int = Field(1, ge=1, description='Times each image counts per epoch, outside '
+                         'kohya "N_name" folders (there N counts; kohya num_repeats).')
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> DatasetConfig:
@@ -89,29 +92,53 @@ def _probability(default: float, what: str):
     return Field(default, ge=0, lt=1, description=what)
 
 
-class NetworkConfig(Section):
-    # Kept equal to networks.registry.ALGORITHMS by a test: importing it here
-    # would import torch, and the GUI needs the schema without it.
-    type: Literal["lora", "locon", "loha"] = Field("lora", description="lora: attention and "
-        "linear layers; locon: also the convolutions; loha: Hadamard product, also on convs.")
+# The torch-free algorithm registry supplies the choices and, below, one field
+# per algorithm option; the GUI form is generated from both.
+AlgorithmName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]
+SHARED_OPTIONS = ("tucker", "dora", "dora_on_output")  # NetworkSpec fields of their own
+
+
+class _NetworkFields(Section):
+    """The [network] section; its algorithm options are added from the registry."""
+
+    type: AlgorithmName = Field("lora", description="; ".join(
+        f"{a.name}: {a.help}" for a in ALGORITHMS.values()) + ".")
     rank: int = Field(16, ge=1, le=1024, description="Rank (kohya network_dim): capacity/size.")
     alpha: float = Field(8.0, gt=0, description="The update is scaled by alpha / rank.")
     conv_rank: int = Field(8, ge=1, le=1024, description="Rank on 3x3 convs (locon/loha).")
     conv_alpha: float = Field(4.0, gt=0, description="Alpha on 3x3 convs (locon/loha).")
-    tucker: bool = Field(False, description="Tucker decomposition of conv kernels (locon/loha).")
     dropout: float = _probability(0.0, "Neuron dropout on the adapter's hidden activations.")
     rank_dropout: float = _probability(0.0, "Drop whole rank channels per sample.")
     module_dropout: float = _probability(0.0, "Skip a whole adapter module for a step.")
     train_unet: bool = Field(True, description="Train adapters on the U-Net.")
     train_text_encoder: bool = Field(True, description="Train adapters on the text encoder.")
-    resume_from: str = Field("", description="Adapter .safetensors to continue training from.")
+    resume_from: str = Field("", description="Adapter .safetensors to continue training from; "
+        "its algorithm, ranks and options are used, and a [network] setting that says "
+        "otherwise is refused.")
 
     @model_validator(mode="after")
-    def _trains_something(self) -> NetworkConfig:
+    def _trains_something(self):
         if not (self.train_unet or self.train_text_encoder):
             raise ValueError(
                 "network.train_unet and network.train_text_encoder are both false: "
                 "nothing would be trained; set one of them to true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _options_fit_the_type(self):
+        for name, option in all_options().items():
+            value, users = getattr(self, name), algorithms_using(name)
+            if value != option.default and self.type not in users:
+                raise ValueError(
+                    f"network.{name} = {_toml(value)} does not apply to network.type = "
+                    f'"{self.type}" (only to {", ".join(users)}); remove it or change '
+                    "network.type"
+                )
+        if self.dora_on_output and not self.dora:
+            raise ValueError(
+                "network.dora_on_output = true needs network.dora = true; set both, or "
+                "remove network.dora_on_output"
             )
         return self
 
@@ -120,14 +147,33 @@ class NetworkConfig(Section):
         from networks.base import Dropout
         from networks.network import NetworkSpec
 
+        own = {n: getattr(self, n) for n in ALGORITHMS[self.type].option_names
+               if n not in SHARED_OPTIONS}
         return NetworkSpec(
             algorithm=self.type, rank=self.rank, alpha=self.alpha,
             conv_rank=self.conv_rank, conv_alpha=self.conv_alpha, tucker=self.tucker,
+            dora=self.dora, dora_on_output=self.dora_on_output, options=own,
             dropout=Dropout(
                 neuron=self.dropout, rank=self.rank_dropout, module=self.module_dropout
             ),
             train_unet=self.train_unet, train_text_encoder=self.train_text_encoder,
         )
+
+
+def _toml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+NetworkConfig = create_model(
+    "NetworkConfig",
+    __base__=_NetworkFields,
+    __doc__=_NetworkFields.__doc__,
+    **{
+        name: (option.type, Field(option.default, description=f"{option.help} "
+               f"({', '.join(algorithms_using(name))})"))
+        for name, option in all_options().items()
+    },
+)
 
 
 class TrainingConfig(Section):

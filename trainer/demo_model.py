@@ -3,7 +3,7 @@
 Same module names and kinds as Stable Diffusion v1.5 (16 Transformer2DModel
 blocks with 1x1-conv proj_in/proj_out, ResnetBlock2D with conv_shortcut
 exactly where SD1.5 changes width, 12 CLIP text layers), so LoRA target
-selection (docs/FORMATS.md sections 1-2) sees the SD1.5 set of 264 modules,
+selection (docs/FORMATS.md "Targeted modules") sees the SD1.5 set of 264 modules,
 but with widths small enough to build and run in seconds on a CPU.
 
 Every config value that cannot be read back from tensor shapes (attention

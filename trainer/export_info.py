@@ -1,4 +1,4 @@
-"""The run's facts for the exported file's metadata (FORMATS.md section 5)."""
+"""The run's facts for the exported file's metadata (docs/FORMATS.md "Metadata")."""
 
 from __future__ import annotations
 

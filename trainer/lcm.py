@@ -1,4 +1,4 @@
-"""LCM-LoRA distillation (docs/FORMATS.md section 6) as short pure functions.
+"""LCM-LoRA distillation (docs/FORMATS.md "LCM-LoRA") as short pure functions.
 
 Latent Consistency Models: Luo et al. 2023, arXiv:2310.04378 ("LCM"), their
 Algorithm 1 (latent consistency distillation); LCM-LoRA: Luo et al. 2023,

@@ -1,10 +1,11 @@
 """Fold adapter files into a model's weights, as A1111 and ComfyUI apply them.
 
-W' = W + sum_i weight_i * (alpha_i / rank_i) * delta W_i (docs/FORMATS.md
-section 4). Deltas add linearly, which is also how the LCM-LoRA report
-(arXiv:2311.05556) combines a style LoRA with an LCM-LoRA without retraining
-(FORMATS.md section 6). Merged weights cost nothing per sampling step, unlike
-forward hooks.
+W' = W + sum_i weight_i * (alpha_i / rank_i) * delta W_i (how A1111 and
+ComfyUI apply a file); a DoRA module contributes weight_i * (W_dora - W)
+instead. Deltas add linearly, which is also how the LCM-LoRA report
+(arXiv:2311.05556) combines a style LoRA with an LCM-LoRA without retraining.
+The per-layer rule is `networks.merge`, the same one `AdapterModule.merge`
+uses. Merged weights cost nothing per sampling step, unlike forward hooks.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def merge_adapters(sd, adapters: Sequence[tuple[str | os.PathLike, float]]) -> N
         network.set_multiplier(float(weight))
         networks.append((Path(path), network))
 
-    # Per layer, the deltas of all files are summed first so that an fp16
+    from networks.merge import merged_layer_weight
+
+    # Per layer, the changes of all files are summed first so that an fp16
     # model is rounded once, and only one layer's delta is held at a time.
     by_layer: dict[str, list] = {}
     for path, network in networks:
@@ -62,14 +65,14 @@ def merge_adapters(sd, adapters: Sequence[tuple[str | os.PathLike, float]]) -> N
             by_layer.setdefault(adapter.lora_name, []).append((path, adapter))
     for lora_name, entries in by_layer.items():
         weight = entries[0][1].base.weight
-        merged = weight.float() + sum(adapter.scaled_delta().float() for _, adapter in entries)
-        merged = merged.to(weight.dtype)
-        if not torch.isfinite(merged).all():
+        try:
+            merged = merged_layer_weight(weight, [adapter for _, adapter in entries])
+        except ValueError:
             files = ", ".join(str(path) for path, _ in entries)
             raise UserError(
                 f"Merging {files} overflows {lora_name} (NaN/Inf in the merged weight); "
                 "lower the LoRA weights."
-            )
+            ) from None
         weight.copy_(merged)
     for _, network in networks:
         network.detach()

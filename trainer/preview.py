@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from trainer.sampling import SampleSettings
 
-# LCM-LoRA sampling as published: 4 steps, guidance 1 (no CFG) (FORMATS.md section 6).
+# LCM-LoRA sampling as published: 4 steps, guidance 1 (no CFG) (arXiv:2311.05556).
 LCM_STEPS, LCM_GUIDANCE = 4, 1.0
 
 

@@ -1,5 +1,6 @@
 """Everything a run writes for the user: adapter files, metrics, TensorBoard
-logs, previews and the resolved config. Used on the main process only.
+logs, previews and the resolved config, named as core/run_layout.py says
+(the GUI reads them by the same names). Used on the main process only.
 
 A write that fails (a full disk, permissions) is a UserError naming the file;
 what was written before stays as it was, so the run continues with --resume.
@@ -7,7 +8,6 @@ what was written before stays as it was, so the run continues with --resume.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import tempfile
@@ -20,9 +20,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from core.atomic import atomic_write_text, atomic_writer, remove_tmp_leftovers
 from core.errors import UserError
-from trainer.state import SAVE_ADVICE, complete_states, remove_staging_leftovers
-
-METRICS_NAME = "metrics.jsonl"
+from core.run_layout import RunLayout
+from trainer.state import SAVE_ADVICE, remove_staging_leftovers
 
 
 def check_writable(folder: Path) -> None:
@@ -51,19 +50,23 @@ class RunOutputs:
     _periodic: list[Path] = field(default_factory=list)
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.folder, self.name)
+
+    @property
     def final_file(self) -> Path:
-        return self.folder / f"{self.name}.safetensors"
+        return self.layout.final_file
 
     def periodic_file(self, step: int) -> Path:
-        return self.folder / f"{self.name}-step{step:06d}.safetensors"
+        return self.layout.periodic_file(step)
 
     @property
     def state_root(self) -> Path:
-        return self.folder / "state"
+        return self.layout.state_root
 
     @property
     def samples(self) -> Path:
-        return self.folder / "samples"
+        return self.layout.samples
 
     def remove_leftovers(self) -> None:
         """Temporary files and staging folders of saves that failed or were
@@ -79,19 +82,18 @@ class RunOutputs:
         found = {}
         if self.final_written:
             found["final"] = str(self.final_file)
-        if states := complete_states(self.state_root):
+        if states := self.layout.complete_states():
             found["state"] = str(states[-1])
-        pattern = f"{glob.escape(self.name)}-step[0-9]*.safetensors"
-        if periodic := sorted(self.folder.glob(pattern)):
+        if periodic := self.layout.periodic_files():
             found["periodic"] = str(periodic[-1])
         return found
 
     def write_config(self, toml_text: str) -> None:
-        atomic_write_text(self.folder / "config.toml", toml_text, SAVE_ADVICE)
+        atomic_write_text(self.layout.config, toml_text, SAVE_ADVICE)
 
     def start_metrics(self, resumed_step: int) -> None:
         """Keep the metrics of steps already done (a resumed run continues the file)."""
-        path = self.folder / METRICS_NAME
+        path = self.layout.metrics
         kept = []
         if resumed_step and path.exists():
             for line in path.read_text().splitlines():
@@ -99,7 +101,7 @@ class RunOutputs:
                 if record is not None and record.get("step", 0) <= resumed_step:
                     kept.append(line)
         atomic_write_text(path, "".join(f"{line}\n" for line in kept), SAVE_ADVICE)
-        tensorboard = self.folder / "tensorboard"
+        tensorboard = self.layout.tensorboard
         try:
             self._tensorboard = SummaryWriter(str(tensorboard), purge_step=resumed_step + 1)
         except OSError as exc:
@@ -107,7 +109,7 @@ class RunOutputs:
 
     def log(self, step: int, **values: float) -> None:
         record = {"step": step, **values, "time": round(time.time(), 3)}
-        path = self.folder / METRICS_NAME
+        path = self.layout.metrics
         try:
             _append(path, (json.dumps(record) + "\n").encode("utf-8"))
         except OSError as exc:
@@ -116,7 +118,7 @@ class RunOutputs:
             for key, value in values.items():
                 self._tensorboard.add_scalar(f"train/{key}", value, step)
         except OSError as exc:  # its writer thread's failure, reported on the next write
-            raise self._write_error(self.folder / "tensorboard", exc) from exc
+            raise self._write_error(self.layout.tensorboard, exc) from exc
 
     def remember_periodic(self, path: Path) -> None:
         """Delete the oldest periodic files beyond `keep_last_n` (0 keeps all)."""
@@ -128,7 +130,7 @@ class RunOutputs:
     def save_previews(self, step: int, images: list) -> list[Path]:
         paths = []
         for index, image in enumerate(images):
-            path = self.samples / f"step{step:06d}-{index}.png"
+            path = self.layout.preview(step, index)
             with atomic_writer(path, SAVE_ADVICE) as file:
                 image.save(file, format="PNG")
             paths.append(path)
@@ -140,7 +142,7 @@ class RunOutputs:
             try:
                 tensorboard.close()
             except OSError as exc:
-                raise self._write_error(self.folder / "tensorboard", exc) from exc
+                raise self._write_error(self.layout.tensorboard, exc) from exc
 
     @staticmethod
     def _write_error(path: Path, exc: OSError) -> UserError:

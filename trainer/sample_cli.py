@@ -1,7 +1,7 @@
 """`python -m trainer sample`: one image from a base model with LoRAs merged in.
 
 With `--lcm-lora` the LCM scheduler samples in 4 steps without CFG
-(docs/FORMATS.md section 6); otherwise Euler ancestral, 20 steps, guidance 7.
+(the LCM-LoRA report, arXiv:2311.05556); otherwise Euler ancestral, 20 steps, guidance 7.
 Every argument is checked before the model loads, so mistakes fail fast.
 Heavy imports (torch, diffusers) wait until then too.
 """

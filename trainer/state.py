@@ -1,9 +1,10 @@
 """The full training state, saved so that a killed run loses nothing.
 
-A state is a folder `state-<step>` holding the adapter weights, optimizer
-and scheduler state, RNG states and the data position. It is written as a
-temporary folder and renamed into place, so any folder with the final name
-is complete: `kill -9` at any moment leaves the previous state usable.
+A state is a folder `state/state-<step>` (names: core/run_layout.py)
+holding the adapter weights, optimizer and scheduler state, RNG states and
+the data position. It is written as a temporary folder and renamed into
+place, so any folder with the final name is complete: `kill -9` at any
+moment leaves the previous state usable.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from core.atomic import failure_reason
 from core.errors import UserError
+from core.run_layout import complete_states, is_state_staging_name, state_dir_name
 
-STATE_PREFIX = "state-"
 SAVE_ADVICE = ("Free some disk space or set output.dir to another disk, then continue with "
                "--resume.")
 
@@ -61,7 +62,7 @@ def save_state(
     keep: int = 2,
 ) -> Path:
     """Write `state_root/state-<step>` atomically, then prune all but `keep`."""
-    final = state_root / f"{STATE_PREFIX}{progress.step:08d}"
+    final = state_root / state_dir_name(progress.step)
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
     training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_states()}
@@ -111,17 +112,10 @@ def remove_staging_leftovers(state_root: Path) -> list[Path]:
     if not state_root.is_dir():
         return []
     leftovers = [p for p in state_root.iterdir()
-                 if p.name.startswith(f".{STATE_PREFIX}") and p.is_dir()]
+                 if is_state_staging_name(p.name) and p.is_dir()]
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
-
-
-def complete_states(state_root: Path) -> list[Path]:
-    """Complete states, oldest first (temporary folders start with a dot)."""
-    if not state_root.is_dir():
-        return []
-    return sorted(p for p in state_root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX))
 
 
 def latest_progress(state_root: Path) -> tuple[Path, Progress] | None:

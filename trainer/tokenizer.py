@@ -4,7 +4,7 @@ A single-file checkpoint carries no tokenizer and we never reach a model hub,
 so the BPE files for transformers' `CLIPTokenizer` are derived from the merges
 list that ships inside the `clip` package (clip-anytorch), exactly the way
 OpenAI's `clip/simple_tokenizer.py` (`SimpleTokenizer.__init__`) builds its
-vocabulary. See docs/FORMATS.md section 7.
+vocabulary. See docs/FORMATS.md "The CLIP tokenizer offline".
 
 Token ids: `<|startoftext|>` = 49406, `<|endoftext|>` = 49407, 49,408 tokens,
 77 positions, padding with `<|endoftext|>` like SD1.5's own tokenizer folder.

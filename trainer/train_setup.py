@@ -4,6 +4,7 @@ paths, dataset check, model, network, data pipeline."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ def check_dataset_or_refuse(config):
         dataset_path(config),
         bucket_config(config),
         caption_extension=config.dataset.caption_extension,
+        repeats=config.dataset.repeats,
     )
     report.raise_if_untrainable()
     return report
@@ -70,6 +72,15 @@ def load_model(config, device: torch.device):
         # the run's VRAM peak (4.3 GB for SD1.5).
         sd.unet.to(dtype=weight_dtype)
         sd.text_encoder.to(dtype=weight_dtype)
+    if config.model.v_parameterization and sd.prediction_type != "v_prediction":
+        # A diffusers folder states its prediction type; training it as
+        # v-prediction anyway would write v-prediction metadata for an
+        # epsilon model.
+        raise UserError(
+            f"model.v_parameterization = true, but {sd.source} is a diffusers folder whose "
+            f'scheduler config says prediction_type = "{sd.prediction_type}", which decides: '
+            "set model.v_parameterization = false, or use a single-file v-prediction checkpoint."
+        )
     for part in (sd.unet, sd.text_encoder, sd.vae):
         part.requires_grad_(False).to(device)
     if config.train.attention == "xformers":
@@ -87,19 +98,59 @@ def load_model(config, device: torch.device):
     return sd
 
 
+DORA_OUTPUT_AXIS_WARNING = (
+    "warning: network.dora_on_output = true stores the DoRA magnitude per output channel "
+    "(LyCORIS wd_on_output). A1111 applies such files wrongly and ComfyUI has an open bug "
+    "for them; only lycoris loads them as trained. Leave it false for files that load the "
+    "same everywhere."
+)
+
+
 def build_network(config, sd):
-    """A fresh network, or the one in `network.resume_from` to continue training it."""
+    """A fresh network, or the one in `network.resume_from` to continue training
+    it: the file decides the algorithm, ranks and options, and a [network]
+    setting given in the config that says otherwise is refused."""
     from networks.export import load_network
     from networks.network import AdapterNetwork
 
     spec = config.network.to_spec()
     if config.network.resume_from:
         network = load_network(config.network.resume_from, sd.unet, sd.text_encoder, spec.dropout)
-        network.spec = spec
+        refuse_contradictions(config.network, network.spec)
     else:
         network = AdapterNetwork.create(spec, sd.unet, sd.text_encoder)
+    if network.spec.dora_on_output:
+        print(DORA_OUTPUT_AXIS_WARNING, file=sys.stderr)
     network.to(torch.float32)  # adapter weights stay fp32 under mixed precision
     return network.attach()
+
+
+def refuse_contradictions(section, file_spec) -> None:
+    """UserError naming the first [network] key set in the config whose value
+    differs from what the `resume_from` file holds."""
+    values = {"type": file_spec.algorithm, "rank": file_spec.rank, "alpha": file_spec.alpha,
+              "train_unet": file_spec.train_unet,
+              "train_text_encoder": file_spec.train_text_encoder,
+              **file_spec.option_values()}
+    if file_spec.targets_conv:
+        values |= {"conv_rank": file_spec.conv_rank, "conv_alpha": file_spec.conv_alpha}
+    for key in sorted(section.model_fields_set & set(values)):
+        mine, theirs = getattr(section, key), values[key]
+        if mine != theirs:
+            raise UserError(
+                f"network.{key} = {_toml(mine)} contradicts network.resume_from = "
+                f'"{section.resume_from}", which holds {key} = {_toml(theirs)}. Training '
+                f"continues the file as it is: remove network.{key} from the config, or set it "
+                f"to {_toml(theirs)}, or start a new adapter without network.resume_from."
+            )
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def caption_options(config):
@@ -132,16 +183,23 @@ def total_steps(config, items, global_batch: int) -> int:
     return config.train.epochs * math.ceil(batches / config.train.grad_accum)
 
 
-def build_training_data(config, items, sd, global_batch: int, is_main: bool, wait_for_everyone):
+def latent_cache(config, sd, is_main: bool):
+    """The (empty) LatentCache dataset.cache_latents asks for; None: encode at every step."""
     from datasets_tools.hashing import module_identity
     from datasets_tools.latent_cache import LatentCache
+
+    if config.dataset.cache_latents == "off":
+        return None
+    folder = cache_root() / "latents" if config.dataset.cache_latents == "disk" else None
+    return LatentCache(sd.vae, module_identity(sd.vae), folder, progress=is_main)
+
+
+def build_training_data(config, items, sd, global_batch: int, is_main: bool, wait_for_everyone):
     from datasets_tools.training_data import TrainingData
 
     options = data_options(config, global_batch)
-    cache = None
-    if config.dataset.cache_latents != "off":
-        folder = cache_root() / "latents" if config.dataset.cache_latents == "disk" else None
-        cache = LatentCache(sd.vae, module_identity(sd.vae), folder, progress=is_main)
+    cache = latent_cache(config, sd, is_main)
+    folder = cache.store.directory if cache is not None else None
     data = TrainingData(items, options, cache)
     if cache is not None:
         # On disk the main process encodes and the others then read its files.

@@ -1,0 +1,423 @@
+"""LoKr: delta W = kron(w1, w2), a Kronecker product of a small and a larger
+factor (LyCORIS, Yeh et al. 2023, arXiv:2309.14859).
+
+The layer's output dimension is split as out = a * b and its input as
+in = c * d (`factorization`); w1 is (a, c) and w2 is (b, d), with a conv's
+kernel kept in w2: (b, d, k, k). Either factor may itself be a low-rank
+product (`lokr_w1_a @ lokr_w1_b`, `lokr_w2_a @ lokr_w2_b`), and a k x k w2 may
+be a Tucker core `lokr_t2` between two 1x1 factors. Parameter names are the
+file's tensor names, so `state_dict()` keys are the file keys.
+
+Scale: alpha / rank, rank being the rows of `lokr_w2_b` (or of `lokr_w1_b`
+when only w1 is factorised), which is how A1111 and ComfyUI read a file. With
+no factorised factor there is no rank: every loader then applies scale 1, and
+LyCORIS writes alpha = the configured dim so that the file says so too. A
+missing alpha also means scale 1.
+
+Training never builds kron(w1, w2) where the factors are cheaper to apply one
+after the other: with x reshaped to X (c, d) row-major, the output reshaped to
+(a, b) is w1 X w2^T (column-major: (w1 (x) w2) vec(X) = vec(w2 X w1^T)). For a
+conv the same holds with "X w2^T" a convolution of the c channel groups of x
+with w2. `KronApply` keeps only x and the two small factors for backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterModule, Dropout, apply_weight
+from .loha import rebuild_tucker
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into (m, n), m <= n, m * n = dimension, as LyCORIS does.
+
+    A positive factor that divides the dimension is used as it is. Otherwise
+    m climbs the divisors of the dimension, never past `factor` (-1: no bound),
+    until it reaches the square root: the most balanced split the bound allows.
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = sorted((factor, dimension // factor))
+        return m, n
+    bound = dimension if factor < 0 else factor
+    m = 1
+    while m < dimension // m:
+        step = next(d for d in range(m + 1, dimension + 1) if dimension % d == 0)
+        if step > bound:
+            break
+        m = step
+    small, large = sorted((m, dimension // m))
+    return small, large
+
+
+@dataclass(frozen=True)
+class KronLayout:
+    """Which tensors a LoKr module has. out = a * b, in = c * d.
+
+    w1_rank / w2_rank: None when that factor is a full matrix (`lokr_w1`,
+    `lokr_w2`), else the rank of its `_a @ _b` product.
+    """
+
+    out_split: tuple[int, int]
+    in_split: tuple[int, int]
+    kernel: tuple[int, ...] = ()
+    w1_rank: int | None = None
+    w2_rank: int | None = None
+    tucker: bool = False
+
+    @property
+    def rank(self) -> int | None:
+        """The rank loaders divide alpha by (w2's first, as A1111 and ComfyUI)."""
+        return self.w2_rank if self.w2_rank is not None else self.w1_rank
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """File tensor name -> shape (w2_b is stored flattened, as LyCORIS writes it)."""
+        (a, b), (c, d) = self.out_split, self.in_split
+        shapes: dict[str, tuple[int, ...]] = {}
+        if self.w1_rank is None:
+            shapes["lokr_w1"] = (a, c)
+        else:
+            shapes["lokr_w1_a"], shapes["lokr_w1_b"] = (a, self.w1_rank), (self.w1_rank, c)
+        r = self.w2_rank
+        if r is None:
+            shapes["lokr_w2"] = (b, d, *self.kernel)
+        elif self.tucker:
+            shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (r, b), (r, d)
+            shapes["lokr_t2"] = (r, r, *self.kernel)
+        else:
+            shapes["lokr_w2_a"], shapes["lokr_w2_b"] = (b, r), (r, d * math.prod(self.kernel))
+        return shapes
+
+
+def plan_layout(
+    weight_shape: torch.Size | tuple[int, ...],
+    rank: int,
+    factor: int = -1,
+    decompose_both: bool = False,
+    full_matrix: bool = False,
+    tucker: bool = False,
+) -> KronLayout:
+    """LyCORIS' choice of tensors for a layer: w2 is factorised unless the rank
+    is at least half its larger side (or `full_matrix`), w1 only with
+    `decompose_both` and under the same condition on its own sides."""
+    out_dim, in_dim, *kernel = weight_shape
+    (a, b), (c, d) = factorization(out_dim, factor), factorization(in_dim, factor)
+    w1_small = rank < max(a, c) / 2
+    w1_rank = rank if decompose_both and w1_small and not full_matrix else None
+    w2_rank = None if full_matrix or rank >= max(b, d) / 2 else rank
+    tucker = tucker and w2_rank is not None and any(k != 1 for k in kernel)
+    return KronLayout((a, b), (c, d), tuple(kernel), w1_rank, w2_rank, tucker)
+
+
+def layout_from_tensors(
+    tensors: dict[str, torch.Tensor], weight_shape: torch.Size | tuple[int, ...]
+) -> KronLayout:
+    """The layout a file's tensors describe for a layer of `weight_shape`.
+
+    Read from the shapes, not from a factor option: a file may come from a
+    tool that split the dimensions otherwise (LyCORIS' unbalanced factorisation).
+    """
+    out_dim, in_dim, *kernel = weight_shape
+    if "lokr_w1" in tensors:
+        (a, c), w1_rank = tensors["lokr_w1"].shape, None
+    else:
+        a, w1_rank = tensors["lokr_w1_a"].shape
+        c = tensors["lokr_w1_b"].shape[1]
+    if out_dim % a or in_dim % c:
+        raise ValueError(f"a ({a}, {c}) lokr_w1 does not divide a {tuple(weight_shape)} weight")
+    w2_rank = None if "lokr_w2" in tensors else tensors["lokr_w2_b"].shape[0]
+    tucker = "lokr_t2" in tensors
+    return KronLayout((a, out_dim // a), (c, in_dim // c), tuple(kernel), w1_rank, w2_rank, tucker)
+
+
+def factor_for_layouts(layouts: list[KronLayout]) -> int | None:
+    """A `factor` option that reproduces every module's split (-1 preferred),
+    or None if none does (a file split otherwise, e.g. LyCORIS' unbalanced
+    mode). Network-wide because one module alone cannot tell f from dim / f."""
+    if not layouts:
+        return None
+    sides = {side for lay in layouts for side in (*lay.out_split, *lay.in_split)}
+    for factor in (-1, *sorted(sides)):
+        if all(_reproduces(lay, factor) for lay in layouts):
+            return factor
+    return None
+
+
+def _reproduces(layout: KronLayout, factor: int) -> bool:
+    (a, b), (c, d) = layout.out_split, layout.in_split
+    return factorization(a * b, factor) == (a, b) and factorization(c * d, factor) == (c, d)
+
+
+def kron_factors(
+    tensors: dict[str, torch.Tensor], layout: KronLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1 (a, c), w2 (b, d[, k, k])) from file-layout tensors: both small."""
+    if layout.w1_rank is None:
+        w1 = tensors["lokr_w1"]
+    else:
+        w1 = tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    (_, b), (_, d) = layout.out_split, layout.in_split
+    if layout.w2_rank is None:
+        w2 = tensors["lokr_w2"]
+    elif layout.tucker:
+        w2 = rebuild_tucker(tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
+    else:
+        w2 = tensors["lokr_w2_a"] @ tensors["lokr_w2_b"].flatten(1)
+    return w1.reshape(w1.shape[0], -1), w2.reshape(b, d, *layout.kernel)
+
+
+def kron_delta(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """kron(w1, w2) with a conv's kernel dimensions taken from w2 alone."""
+    # torch.kron views its inputs: a Tucker-rebuilt w2 must be made contiguous.
+    return torch.kron(w1.reshape(*w1.shape, *[1] * (w2.dim() - 2)), w2.contiguous())
+
+
+def lokr_delta_weight(
+    tensors: dict[str, torch.Tensor], weight_shape: torch.Size | tuple[int, ...]
+) -> torch.Tensor:
+    """Unscaled delta W from a file's tensors for a layer of `weight_shape`."""
+    layout = layout_from_tensors(tensors, weight_shape)
+    return kron_delta(*kron_factors(tensors, layout)).reshape(weight_shape)
+
+
+def lokr_file_scale(tensors: dict[str, torch.Tensor]) -> float:
+    """The scale A1111, ComfyUI and LyCORIS apply to a file's LoKr module."""
+    if "lokr_w2_b" in tensors:
+        rank = tensors["lokr_w2_b"].shape[0]
+    elif "lokr_w1_b" in tensors:
+        rank = tensors["lokr_w1_b"].shape[0]
+    else:
+        return 1.0
+    return float(tensors["alpha"]) / rank if "alpha" in tensors else 1.0
+
+
+# --- the training route ---------------------------------------------------------
+
+
+def _group(x: torch.Tensor, groups: int, conv: tuple | None) -> torch.Tensor:
+    """x's input channels (c * d) as c groups of d, the groups moved to the batch."""
+    if conv is None:
+        return x.reshape(-1, x.shape[-1] // groups)
+    return x.reshape(x.shape[0] * groups, -1, *x.shape[2:])
+
+
+def _apply_w2(grouped: torch.Tensor, w2: torch.Tensor, conv: tuple | None) -> torch.Tensor:
+    return F.linear(grouped, w2) if conv is None else F.conv2d(grouped, w2, None, *conv)
+
+
+def _apply_w2_backward(
+    grouped: torch.Tensor, w2: torch.Tensor, grad: torch.Tensor, conv: tuple | None, needs
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of `_apply_w2` for its input and for w2 (None when not needed)."""
+    if conv is None:
+        grad_in = grad @ w2 if needs[0] else None
+        grad_w2 = grad.T @ grouped if needs[1] else None
+        return grad_in, grad_w2
+    stride, padding, dilation = conv
+    grad_in, grad_w2, _ = torch.ops.aten.convolution_backward(
+        grad, grouped, w2, None, stride, padding, dilation, False, [0, 0], 1,
+        (needs[0], needs[1], False),
+    )  # fmt: skip
+    return grad_in, grad_w2
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the layer's matmuls would run in: the autocast dtype if it is on."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class KronApply(torch.autograd.Function):
+    """y = kron(w1, w2) applied to x (a Linear's or a conv's input), the
+    product never built. Backward recomputes the grouped w2 step instead of
+    keeping it: it is as large as the layer's output.
+
+    `conv` is None for a Linear, else (stride, padding, dilation).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, conv):
+        # Backward runs outside autocast: fix the dtype here and use it there.
+        dtype = _compute_dtype(x)
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        ctx.conv, ctx.dtype = conv, dtype
+        ctx.save_for_backward(x, w1, w2)
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = _apply_w2(_group(x, w1.shape[1], conv), w2, conv)
+            out = w1 @ hidden.reshape(-1, w1.shape[1], hidden[0].numel())
+        if conv is None:
+            return out.reshape(*x.shape[:-1], -1)
+        return out.reshape(x.shape[0], -1, *hidden.shape[2:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        a, c = w1.shape
+        grouped = _group(x, c, ctx.conv)
+        hidden = _apply_w2(grouped, w2, ctx.conv)
+        grad = grad.to(ctx.dtype).reshape(-1, a, hidden[0].numel())
+        grad_w1 = None
+        if need_w1:
+            grad_w1 = torch.einsum(
+                "n a m, n c m -> a c", grad, hidden.reshape(-1, c, grad.shape[2])
+            )
+        grad_hidden = (w1.T @ grad).reshape(hidden.shape)
+        del hidden
+        grad_grouped, grad_w2 = _apply_w2_backward(
+            grouped, w2, grad_hidden, ctx.conv, (need_x, need_w2)
+        )
+        grad_x = grad_grouped.reshape(x.shape) if need_x else None
+        return grad_x, grad_w1, grad_w2, None
+
+
+def _conv_args(base: nn.Module) -> tuple | None:
+    if isinstance(base, nn.Linear):
+        return None
+    return tuple(base.stride), tuple(base.padding), tuple(base.dilation)
+
+
+def kron_apply(base: nn.Module, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
+    """kron(w1, w2) applied to x with `base`'s stride/padding/dilation."""
+    return KronApply.apply(x, w1, w2, _conv_args(base))
+
+
+# --- the module -------------------------------------------------------------------
+
+
+class LoKrModule(AdapterModule):
+    """LoKr on a Linear or conv layer (k x k convs as LoCon places them).
+
+    factor: -1 splits each dimension as close to its square root as possible;
+    a positive factor that divides a dimension splits it as factor x dim/factor,
+    w1 taking the smaller side (LyCORIS `factor`).
+    decompose_both: w1 is factorised too. full_matrix: w2 is never factorised.
+    tucker: a k x k w2 is a Tucker core `lokr_t2` between 1x1 factors.
+    layout: the exact tensors to make, overriding the four options (file loading).
+    """
+
+    algorithm = "lokr"
+
+    def __init__(
+        self,
+        lora_name: str,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: Dropout = Dropout(),
+        tucker: bool = False,
+        factor: int = -1,
+        decompose_both: bool = False,
+        full_matrix: bool = False,
+        *,
+        layout: KronLayout | None = None,
+    ):
+        if layout is None:
+            shape = base.weight.shape
+            layout = plan_layout(shape, rank, factor, decompose_both, full_matrix, tucker)
+        if layout.rank is None:
+            # No factorised factor: LyCORIS records alpha = dim, so the file says scale 1.
+            alpha = rank
+        super().__init__(lora_name, base, layout.rank or rank, alpha, dropout)
+        self.layout = layout
+        for name, shape in layout.tensor_shapes().items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LyCORIS' init: the w2 side ends in zeros, so delta W starts at exactly 0."""
+        params = dict(self.named_parameters())
+        for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_t2"):
+            if name in params:
+                nn.init.kaiming_uniform_(params[name], a=math.sqrt(5))
+        nn.init.zeros_(params["lokr_w2"] if "lokr_w2" in params else params["lokr_w2_b"])
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.layout.rank is None else super().scale
+
+    @property
+    def tucker(self) -> bool:
+        return self.layout.tucker
+
+    def file_options(self) -> dict[str, object]:
+        """What the tensors show. A full w2 may be LyCORIS' own choice for a high
+        rank, so only a factorised one says anything (full_matrix is False);
+        `factor` is network-wide (`factor_for_layouts`)."""
+        options = super().file_options()
+        options["decompose_both"] = self.layout.w1_rank is not None
+        if self.layout.w2_rank is not None:
+            options["full_matrix"] = False
+        return options
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return kron_factors(dict(self.named_parameters()), self.layout)
+
+    def delta_weight(self) -> torch.Tensor:
+        return kron_delta(*self.factors()).reshape(self.base.weight.shape)
+
+    @property
+    def kron_path_is_cheaper(self) -> bool:
+        """Per-output-position multiply-adds of applying w2 then w1, against one
+        full-size op with the built weight (also the case that needs no reshaping
+        trick: grouped convs and string paddings fall back)."""
+        base = self.base
+        if getattr(base, "groups", 1) != 1 or isinstance(getattr(base, "padding", 0), str):
+            return False
+        (a, b), (c, d) = self.layout.out_split, self.layout.in_split
+        taps = math.prod(self.layout.kernel)
+        return c * b * d * taps + a * b * c <= a * b * c * d * taps
+
+    def delta_forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        w1, w2 = self.factors()
+        w1 = w1 * scale  # the smallest tensor carries the scale
+        if self.kron_path_is_cheaper:
+            out = kron_apply(self.base, x, w1, w2)
+        else:
+            out = apply_weight(self.base, x, kron_delta(w1, w2).reshape(self.base.weight.shape))
+        out = self._drop_output_rows(out)
+        if self.training and self.dropout.neuron:
+            out = F.dropout(out, self.dropout.neuron)
+        return out
+
+    def _drop_output_rows(self, out: torch.Tensor) -> torch.Tensor:
+        """LoKr has no rank-wide activation; like LyCORIS, rank dropout drops
+        rows of delta W (output channels), rescaled to keep the expectation."""
+        p = self.dropout.rank
+        if not (self.training and p):
+            return out
+        channel_dim = -1 if isinstance(self.base, nn.Linear) else 1
+        shape = [1] * out.dim()
+        shape[channel_dim] = out.shape[channel_dim]
+        keep = torch.rand(shape, device=out.device) > p
+        return out * (keep.to(out.dtype) / (1 - p))
+
+    # --- file format ----------------------------------------------------
+    @staticmethod
+    def recognises(suffixes: set[str]) -> bool:
+        has_w1 = "lokr_w1" in suffixes or {"lokr_w1_a", "lokr_w1_b"} <= suffixes
+        has_w2 = "lokr_w2" in suffixes or {"lokr_w2_a", "lokr_w2_b"} <= suffixes
+        return has_w1 and has_w2
+
+    @classmethod
+    def from_tensors(
+        cls, lora_name: str, base: nn.Module, tensors: dict[str, torch.Tensor], dropout: Dropout
+    ) -> LoKrModule:
+        layout = layout_from_tensors(tensors, base.weight.shape)
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else None
+        rank = layout.rank
+        if rank is None:
+            # Full factors have no rank; LyCORIS writes the configured dim as alpha.
+            rank = max(1, round(alpha)) if alpha else 1
+        module = cls(
+            lora_name, base, rank, rank if alpha is None else alpha, dropout, layout=layout
+        )
+        module.load_file_tensors(tensors)
+        return module

@@ -1,0 +1,492 @@
+"""LoKr: identity at init, adapter forward == merged forward, the closed-form
+Kronecker delta, the factor choice and file layout against lycoris-lora, and
+the training route's memory (arXiv:2309.14859)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from lycoris.functional.general import factorization as lycoris_factorization
+from lycoris.modules import get_module, make_module
+from lycoris.modules.lokr import LokrModule
+from torch import nn
+
+from networks.base import Dropout
+from networks.lokr import (
+    KronApply,
+    LoKrModule,
+    factor_for_layouts,
+    factorization,
+    lokr_file_scale,
+)
+from networks.network import AdapterNetwork
+
+NAME = "lora_unet_x"
+
+# name -> (base layer, input shape, options); the alpha is 3 throughout.
+CASES = {
+    "linear": (lambda: nn.Linear(48, 40), (2, 5, 48), dict(rank=2)),
+    "linear-decompose-both": (lambda: nn.Linear(48, 40), (2, 5, 48), dict(rank=2, both=True)),
+    "linear-full-matrix": (lambda: nn.Linear(48, 40), (2, 5, 48), dict(rank=2, full=True)),
+    "linear-factor-4": (lambda: nn.Linear(48, 40), (2, 5, 48), dict(rank=2, factor=4)),
+    "conv1x1": (lambda: nn.Conv2d(48, 40, 1), (2, 48, 5, 5), dict(rank=2)),
+    "conv3x3-strided": (
+        lambda: nn.Conv2d(24, 32, 3, stride=2, padding=1),
+        (2, 24, 9, 9),
+        dict(rank=2),
+    ),
+    "conv3x3-full-w2": (lambda: nn.Conv2d(24, 32, 3, padding=1), (2, 24, 7, 7), dict(rank=8)),
+    "conv3x3-decompose-both": (
+        lambda: nn.Conv2d(24, 32, 3, padding=1),
+        (2, 24, 7, 7),
+        dict(rank=1, both=True),
+    ),
+    "conv3x3-tucker": (
+        lambda: nn.Conv2d(24, 32, 3, stride=2, padding=1),
+        (2, 24, 9, 9),
+        dict(rank=2, tucker=True),
+    ),
+}
+
+
+def make_case(case: str, seed: int = 0) -> tuple[nn.Module, LoKrModule, torch.Tensor]:
+    torch.manual_seed(seed)
+    make_base, shape, opts = CASES[case]
+    base = make_base().requires_grad_(False)
+    module = LoKrModule(
+        NAME,
+        base,
+        opts["rank"],
+        alpha=3,
+        tucker=opts.get("tucker", False),
+        factor=opts.get("factor", -1),
+        decompose_both=opts.get("both", False),
+        full_matrix=opts.get("full", False),
+    )
+    return base, module, torch.randn(shape)
+
+
+def randomize(module: nn.Module) -> None:
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0, 0.3)
+
+
+def lycoris_module(base: nn.Module, case: str, multiplier: float) -> LokrModule:
+    """LyCORIS' own LoKr for the same layer and options (its full-matrix
+    notice is expected for some cases)."""
+    opts = CASES[case][2]
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    return LokrModule(
+        NAME,
+        base,
+        multiplier=multiplier,
+        lora_dim=opts["rank"],
+        alpha=3,
+        use_tucker=opts.get("tucker", False),
+        decompose_both=opts.get("both", False),
+        factor=opts.get("factor", -1),
+        full_matrix=opts.get("full", False),
+    )
+
+
+def ours_output(base: nn.Module, module: LoKrModule, x: torch.Tensor) -> torch.Tensor:
+    module.attach()
+    try:
+        return base(x)
+    finally:
+        module.detach()
+
+
+def lycoris_output(module: LokrModule, x: torch.Tensor) -> torch.Tensor:
+    module.apply_to()
+    try:
+        with torch.no_grad():
+            return module(x)
+    finally:
+        module.restore()
+
+
+# --- the closed form, written here independently of networks/lokr.py -----------
+
+
+def expected_factors(t: dict[str, torch.Tensor], kernel: tuple[int, ...]):
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    elif "lokr_t2" in t:
+        # t2 (r, r, k, k): its first index meets w2_a (r, b), its second w2_b (r, d).
+        w2 = torch.einsum(
+            "r s h w, r b, s d -> b d h w", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]
+        )
+    else:
+        w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    # torch.kron views its arguments, so the einsum's result must be contiguous.
+    return w1, w2.reshape(w2.shape[0], -1, *kernel).contiguous()
+
+
+def expected_delta(t: dict[str, torch.Tensor], weight_shape: torch.Size) -> torch.Tensor:
+    kernel = tuple(weight_shape[2:])
+    w1, w2 = expected_factors(t, kernel)
+    return torch.kron(w1.reshape(*w1.shape, *[1] * len(kernel)), w2).reshape(weight_shape)
+
+
+def expected_scale(t: dict[str, torch.Tensor]) -> float:
+    """A1111 / ComfyUI: alpha over the rows of the factorised w2_b (else w1_b)."""
+    rank_key = next((k for k in ("lokr_w2_b", "lokr_w1_b") if k in t), None)
+    return 1.0 if rank_key is None else float(t["alpha"]) / t[rank_key].shape[0]
+
+
+# --- behaviour -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fresh_module_changes_no_output(case):
+    base, module, x = make_case(case)
+    assert torch.count_nonzero(module.delta_weight()) == 0
+    assert torch.equal(ours_output(base, module, x), base(x))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_equals_merged_forward_and_unmerge_restores_the_weight(case):
+    base, module, x = make_case(case)
+    randomize(module)
+    original = base.weight.clone()
+    module.attach()
+    module.multiplier = 0.7
+    adapted = base(x)
+    assert (adapted - base.__class__.forward(base, x)).abs().max() > 1e-3
+    module.merge()
+    torch.testing.assert_close(base(x), adapted, rtol=1e-5, atol=1e-5)
+    module.unmerge()
+    assert torch.equal(base.weight, original)
+    module.multiplier = 0.0
+    assert torch.equal(base(x), base.__class__.forward(base, x))
+    module.detach()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_delta_weight_is_the_kronecker_product_of_the_factors(case):
+    base, module, _ = make_case(case)
+    randomize(module)
+    tensors = {k: v.detach() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.delta_weight(), expected_delta(tensors, base.weight.shape)
+        )
+        module.multiplier = 0.7
+        module.merge()
+    want = module._weight_before_merge + 0.7 * expected_scale(tensors) * expected_delta(
+        tensors, base.weight.shape
+    )
+    torch.testing.assert_close(base.weight, want)
+    assert module.scale == expected_scale(tensors) == lokr_file_scale(tensors)
+
+
+def test_full_factors_mean_scale_one_whatever_the_alpha():
+    base, module, x = make_case("linear-full-matrix")
+    assert set(module.state_dict()) == {"alpha", "lokr_w1", "lokr_w2"}
+    # LyCORIS records alpha = dim for full factors, so the file says scale 1 too.
+    assert module.scale == 1.0 and float(module.alpha) == 2
+    for alpha in (16.0, 2.5, 0.0):
+        tensors = dict(module.state_dict(), alpha=torch.tensor(alpha))
+        assert LoKrModule.from_tensors(NAME, base, tensors, Dropout()).scale == 1.0, alpha
+
+
+def test_missing_alpha_means_scale_one():
+    base, module, _ = make_case("linear")
+    tensors = {k: v for k, v in module.state_dict().items() if k != "alpha"}
+    assert LoKrModule.from_tensors(NAME, base, tensors, Dropout()).scale == 1.0
+    assert lokr_file_scale(tensors) == 1.0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_file_tensors_round_trip(case):
+    base, module, x = make_case(case)
+    randomize(module)
+    tensors = {k: v.clone() for k, v in module.state_dict().items()}
+    assert LoKrModule.recognises(set(tensors))
+    loaded = LoKrModule.from_tensors(NAME, base, tensors, Dropout())
+    assert loaded.state_dict().keys() == tensors.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(ours_output(base, loaded, x), ours_output(base, module, x))
+
+
+def test_an_adapter_network_of_lokr_modules_keys_its_tensors_like_the_file():
+    base = nn.Linear(48, 40)
+    network = AdapterNetwork([LoKrModule(NAME, base, 2, 3)])
+    assert set(network.state_dict()) == {
+        f"{NAME}.{k}" for k in ("alpha", "lokr_w1", "lokr_w2_a", "lokr_w2_b")
+    }
+
+
+def test_recognises_only_complete_lokr_modules():
+    assert LoKrModule.recognises({"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"})
+    assert not LoKrModule.recognises({"lokr_w1", "lokr_w2_a"})
+    assert not LoKrModule.recognises({"lora_down.weight", "lora_up.weight"})
+
+
+# --- the training route ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv", [None, ((2, 1), (1, 0), (1, 2))], ids=["linear", "conv"])
+def test_kron_apply_backward_equals_autograd_of_the_naive_formula(conv):
+    torch.manual_seed(0)
+    dtype = torch.float64
+    w1 = torch.randn(2, 3, dtype=dtype, requires_grad=True)  # in = 3 * 4, out = 2 * b
+    if conv is None:
+        x = torch.randn(4, 12, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(5, 4, dtype=dtype, requires_grad=True)
+    else:
+        x = torch.randn(1, 12, 4, 3, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(2, 4, 3, 2, dtype=dtype, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: KronApply.apply(*t, conv), (x, w1, w2), fast_mode=True
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_route_equals_the_built_weight_in_value_and_gradient(case):
+    base, module, x = make_case(case)
+    randomize(module)
+    assert module.kron_path_is_cheaper
+    x.requires_grad_(True)
+    params = [x, *module.parameters()]
+    routed = module.delta_forward(x, scale=0.7)
+    grads = torch.autograd.grad(routed.square().sum(), params)
+    layer = nn.functional.linear if isinstance(base, nn.Linear) else None
+    weight = module.delta_weight() * 0.7
+    built = (
+        layer(x, weight)
+        if layer
+        else nn.functional.conv2d(x, weight, None, base.stride, base.padding)
+    )
+    reference = torch.autograd.grad(built.square().sum(), params)
+    torch.testing.assert_close(routed, built, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_prime_output_width_falls_back_to_the_built_weight():
+    """out = 7 splits as 1 x 7: w1 is a single row and reshaping saves nothing."""
+    base = nn.Linear(12, 7).requires_grad_(False)
+    module = LoKrModule(NAME, base, 2, 3)
+    randomize(module)
+    assert not module.kron_path_is_cheaper
+    x = torch.randn(3, 12)
+    adapted = ours_output(base, module, x)
+    module.merge()
+    torch.testing.assert_close(base(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def saved_numels(base: nn.Module, module: LoKrModule, x: torch.Tensor) -> dict[str, int]:
+    """Elements autograd keeps for backward of one adapted forward, split into
+    the input (x's own storage), the frozen weight, and everything else."""
+    kept = {"input": 0, "other": 0, "largest_other": 0}
+    x_storage = x.untyped_storage().data_ptr()
+
+    def pack(t):
+        storage = t.untyped_storage().data_ptr()
+        if storage == x_storage:
+            kept["input"] = max(kept["input"], t.numel())
+        elif storage != base.weight.untyped_storage().data_ptr():
+            kept["other"] += t.numel()
+            kept["largest_other"] = max(kept["largest_other"], t.numel())
+        return t
+
+    module.attach()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = base(x)
+    out.square().mean().backward()  # the loss's own saved output is not counted
+    module.detach()
+    return kept
+
+
+def test_training_step_on_a_1280_linear_keeps_only_the_input_and_the_factors():
+    base = nn.Linear(1280, 1280).requires_grad_(False)
+    module = LoKrModule(NAME, base, rank=8, alpha=8)  # w1 (32, 32), w2 = (40, 8) @ (8, 40)
+    randomize(module)
+    x = torch.randn(2, 256, 1280, requires_grad=True)
+    kept = saved_numels(base, module, x)
+    factor_numel = sum(p.numel() for p in module.parameters())
+    # The built route would keep a 1280 x 1280 delta; plain autograd of the
+    # reshaping route keeps a tokens x 1280 intermediate. Neither is kept here.
+    assert kept["input"] == x.numel()
+    assert kept["other"] <= 3 * factor_numel < base.weight.numel() / 100
+    assert module.lokr_w1.grad.abs().sum() > 0 and module.lokr_w2_a.grad.abs().sum() > 0
+
+
+def test_conv_training_step_keeps_only_the_input_and_the_factors():
+    base = nn.Conv2d(64, 64, 3, padding=1).requires_grad_(False)
+    module = LoKrModule(NAME, base, rank=2, alpha=2)
+    randomize(module)
+    x = torch.randn(2, 64, 16, 16, requires_grad=True)
+    kept = saved_numels(base, module, x)
+    assert kept["input"] == x.numel()
+    assert kept["largest_other"] < base.weight.numel() / 10
+
+
+def test_autocast_runs_the_training_route_in_bf16_and_backpropagates():
+    base, module, x = make_case("conv3x3-strided")
+    randomize(module)
+    module.attach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = base(x)
+    out.float().square().mean().backward()
+    module.detach()
+    with torch.no_grad():
+        reference = ours_output(base, module, x)
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
+
+
+# --- lycoris-lora as the reference --------------------------------------------------
+
+SD15_WIDTHS = (320, 640, 960, 1280, 1920, 2560, 768, 3072)
+
+
+@pytest.mark.parametrize("factor", [-1, 1, 4, 7, 8, 16, 10_000])
+def test_factorization_equals_lycoris_for_sd15_widths(factor):
+    for width in SD15_WIDTHS + (4, 127, 360):
+        assert factorization(width, factor) == lycoris_factorization(width, factor), width
+
+
+SD15_LAYERS = {
+    "attn q 320": lambda: nn.Linear(320, 320, device="meta"),
+    "attn2 k 768->640": lambda: nn.Linear(768, 640, device="meta"),
+    "ff proj 1280->10240": lambda: nn.Linear(1280, 10240, device="meta"),
+    "ff out 5120->1280": lambda: nn.Linear(5120, 1280, device="meta"),
+    "te mlp 768->3072": lambda: nn.Linear(768, 3072, device="meta"),
+    "proj_in 1x1 640": lambda: nn.Conv2d(640, 640, 1, device="meta"),
+    "resnet 3x3 320": lambda: nn.Conv2d(320, 320, 3, padding=1, device="meta"),
+    "resnet 3x3 1920->640": lambda: nn.Conv2d(1920, 640, 3, padding=1, device="meta"),
+    "downsampler 3x3 1280": lambda: nn.Conv2d(1280, 1280, 3, stride=2, padding=1, device="meta"),
+}
+LAYOUT_OPTIONS = [
+    dict(rank=16),
+    dict(rank=4, factor=8),
+    dict(rank=4, factor=16, both=True),
+    dict(rank=4, factor=4, both=True),  # w1 (4, 4) too small to factorise, w2 is not
+    dict(rank=64, factor=4),
+    dict(rank=8, full=True),
+    dict(rank=8, tucker=True),
+]
+
+
+@pytest.mark.parametrize("layer", SD15_LAYERS)
+def test_file_tensor_shapes_equal_lycoris_for_sd15_layers(layer):
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+    for opts in LAYOUT_OPTIONS:
+        base = SD15_LAYERS[layer]()
+        ours = LoKrModule(
+            NAME,
+            base,
+            opts["rank"],
+            1,
+            tucker=opts.get("tucker", False),
+            factor=opts.get("factor", -1),
+            decompose_both=opts.get("both", False),
+            full_matrix=opts.get("full", False),
+        )
+        theirs = LokrModule(
+            NAME,
+            base,
+            lora_dim=opts["rank"],
+            alpha=1,
+            use_tucker=opts.get("tucker", False),
+            decompose_both=opts.get("both", False),
+            factor=opts.get("factor", -1),
+            full_matrix=opts.get("full", False),
+        )
+        shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+        assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}, opts
+        assert ours.scale == theirs.scale, opts
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lycoris_gives_our_outputs_for_our_tensors(case):
+    base, module, x = make_case(case)
+    randomize(module)
+    module.multiplier = 0.7
+    tensors = {f"{NAME}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+    if "tucker" in case:
+        # lycoris 4.1.3's file loader takes Tucker's w2_a (r, b) width for the
+        # rank and fails; its module built with the same options reads the tensors.
+        theirs = lycoris_module(base, case, multiplier=0.7)
+        theirs.load_state_dict({k.partition(".")[2]: v for k, v in tensors.items()})
+    else:
+        algo, params = get_module(tensors, NAME)
+        theirs = make_module(algo, params, NAME, base)
+        theirs.multiplier = 0.7
+    with torch.no_grad():
+        ours = ours_output(base, module, x)
+    torch.testing.assert_close(lycoris_output(theirs, x), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_lycoris_made_lokr_loads_into_ours_with_the_same_outputs(case):
+    base, _, x = make_case(case)
+    theirs = lycoris_module(base, case, multiplier=1.0)
+    randomize(theirs)
+    tensors = {k: v.clone() for k, v in theirs.state_dict().items()}
+    ours = LoKrModule.from_tensors(NAME, base, tensors, Dropout())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours_output(base, ours, x), lycoris_output(theirs, x), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_rank_dropout_drops_whole_output_channels_of_the_delta():
+    base, module, x = make_case("conv3x3-strided")
+    randomize(module)
+    module.dropout = Dropout(rank=0.5)
+    module.train()
+    torch.manual_seed(1)
+    dropped = module.delta_forward(x)
+    full = module.eval().delta_forward(x)
+    per_channel = (dropped / full).transpose(0, 1).flatten(1)  # (channels, everything else)
+    kept = per_channel[:, 0] != 0
+    assert 0 < kept.sum() < len(kept)
+    torch.testing.assert_close(per_channel[kept], torch.full_like(per_channel[kept], 2.0))
+    assert torch.count_nonzero(per_channel[~kept]) == 0
+
+
+def test_file_options_read_back_what_the_tensors_show():
+    base = nn.Conv2d(24, 32, 3, padding=1)
+    tucker = LoKrModule(NAME, base, 1, 1, tucker=True, decompose_both=True).file_options()
+    assert tucker["tucker"] and tucker["decompose_both"] and tucker["full_matrix"] is False
+    full = LoKrModule(NAME, base, 1, 1, full_matrix=True).file_options()
+    assert not full["tucker"] and not full["decompose_both"] and "full_matrix" not in full
+
+
+@pytest.mark.parametrize("factor", [-1, 4, 8, 16, 24])
+def test_the_factor_is_recovered_from_a_networks_layouts(factor):
+    layers = [nn.Linear(320, 320), nn.Linear(768, 640), nn.Conv2d(1280, 640, 3, device="meta")]
+    layouts = [LoKrModule(NAME, layer, 4, 4, factor=factor).layout for layer in layers]
+    assert factor_for_layouts(layouts) == factor
+
+
+def test_no_factor_is_claimed_for_a_split_no_factor_makes():
+    # LyCORIS' unbalanced mode puts the larger output side in w1: (20, 16) for 320.
+    base = nn.Linear(320, 320)
+    tensors = dict(LoKrModule(NAME, base, 4, 4).state_dict())
+    tensors["lokr_w1"] = torch.zeros(20, 16)
+    tensors["lokr_w2_a"] = torch.zeros(16, 4)
+    loaded = LoKrModule.from_tensors(NAME, base, tensors, Dropout())
+    assert loaded.layout.out_split == (20, 16)
+    assert factor_for_layouts([loaded.layout]) is None
+
+
+def test_a_lycoris_unbalanced_lokr_loads_with_the_same_outputs():
+    torch.manual_seed(0)
+    base = nn.Linear(40, 48).requires_grad_(False)
+    theirs = LokrModule(NAME, base, lora_dim=2, alpha=3, unbalanced_factorization=True)
+    randomize(theirs)
+    ours = LoKrModule.from_tensors(NAME, base, dict(theirs.state_dict()), Dropout())
+    assert ours.layout.out_split == (8, 6)  # w1 takes the larger side of 48
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        want = lycoris_output(theirs, x)
+        torch.testing.assert_close(ours_output(base, ours, x), want, rtol=1e-5, atol=1e-5)
