@@ -9,7 +9,8 @@ from gui.handlers import Context
 from gui.jobs import JobRunner
 
 INTRO = """# LoRA trainer
-Train LoRA, LoCon and LoHa adapters (and LCM-LoRAs) for Stable Diffusion 1.x on this computer.
+Train LoRA, LoCon, LoHa and LoKr adapters, with or without DoRA (and LCM-LoRAs), for
+Stable Diffusion 1.x on this computer.
 **Dataset** → **Train** → **Preview** → **Export**."""
 
 WELCOME = """### New here?

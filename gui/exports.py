@@ -18,6 +18,7 @@ from gui import paths, views
 from gui.cli_runs import explain_failure, python_module, run_cli
 from gui.datadir import DataDirs
 from gui.jobs import JobRunner
+from networks.algorithms import ALGORITHMS
 
 # The metadata fields the Export tab edits: (label, ModelSpec key).
 EDITABLE = (("Title", "modelspec.title"), ("Trigger words", "modelspec.trigger_phrase"),
@@ -58,7 +59,8 @@ def summary(report: dict) -> str:
         return ", ".join(f"{k} ({v})" for k, v in table.items()) or "none"
 
     lines = [f"**{views.escape(Path(report['path']).name)}**", "",
-             f"- Algorithm: {counts(report['algorithms'])}",
+             f"- Algorithm: {_algorithms(report['algorithms'])}",
+             f"- DoRA: {_dora(report.get('dora') or {})}",
              f"- Rank: {counts(report['ranks'])}; alpha: {counts(report['alphas'])}",
              f"- Modules: U-Net {report['unet_modules']}, text encoder "
              f"{report['text_encoder_modules']}; weights {counts(report['dtypes'])}"]
@@ -70,6 +72,26 @@ def summary(report: dict) -> str:
     if not report["problems"]:
         lines.append("- Loads in A1111, ComfyUI and lycoris.")
     return "\n".join(lines)
+
+
+def _algorithms(found: dict[str, int]) -> str:
+    """`LoKr (lokr, 96 modules)`: the registry's label, without its explanation
+    in parentheses, and the name the config uses."""
+    names = [f"{ALGORITHMS[name].label.split(' (')[0] if name in ALGORITHMS else name} "
+             f"({name}, {n} modules)" for name, n in found.items()]
+    return ", ".join(names) or "none"
+
+
+def _dora(axes: dict[str, int]) -> str:
+    """Whether the modules learn a magnitude (`dora_scale`), and along which axis:
+    `inspect` counts them by "input" / "output" channels."""
+    if not axes:
+        return "no"
+    loads = {"input": "as A1111 and ComfyUI apply it; lycoris with wd_on_output=False",
+             "output": "lycoris wd_on_output; A1111 and ComfyUI do not apply it as trained"}
+    return "yes, " + "; ".join(
+        f"magnitude per {axis} channel ({n} modules, {loads.get(axis, 'unknown axis')})"
+        for axis, n in axes.items())
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -14,6 +14,7 @@ and one line in `ALGORITHMS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -30,9 +31,14 @@ class Option:
     default: bool | int | float
     help: str
     arg: str
+    # What is wrong with a value of the right type ("must be ..."), None if nothing.
+    check: Callable[[object], str | None] | None = None
 
     def to_arg(self, value) -> str:
         return str(value)
+
+    def problem(self, value) -> str | None:
+        return None if self.check is None else self.check(value)
 
     def from_arg(self, text: str):
         """The value of a `ss_network_args` string; ValueError if it is not one."""
@@ -40,13 +46,16 @@ class Option:
             if text not in ("True", "False", "true", "false"):
                 raise ValueError(f"{self.arg} = {text!r} is not True or False")
             return text in ("True", "true")
-        return self.type(text)
+        value = self.type(text)
+        if self.problem(value):
+            raise ValueError(f"{self.arg} = {text!r} {self.problem(value)}")
+        return value
 
 
 TUCKER = Option(
     "tucker", bool, False,
-    "Tucker decomposition of k x k conv kernels (locon/loha): a k x k core between "
-    "1x1 factors.", "use_tucker",
+    "Tucker decomposition of k x k conv kernels (locon/loha/lokr): a k x k core between "
+    "1x1 factors (for lokr, of a low-rank w2 only).", "use_tucker",
 )  # fmt: skip
 DORA = Option(
     "dora", bool, False,
@@ -61,9 +70,38 @@ DORA_ON_OUTPUT = Option(
     "for them; only lycoris loads them as trained.", "wd_on_output",
 )  # fmt: skip
 
+
+
+def _factor_problem(value) -> str | None:
+    if value == -1 or value >= 1:
+        return None
+    return "must be -1 (automatic) or a whole number of at least 1"
+
+
+FACTOR = Option(
+    "factor", int, -1,
+    "LoKr: each dimension is split as f x dim/f for the factor f when f divides it, "
+    "else as evenly as sides up to f allow; the small factor w1 takes the smaller side. "
+    "-1: the split closest to a square root. Larger factors move capacity into the full "
+    "w1 (LyCORIS factor).", "factor", _factor_problem,
+)  # fmt: skip
+DECOMPOSE_BOTH = Option(
+    "decompose_both", bool, False,
+    "LoKr: store w1 as a low-rank product too (where the rank is below half its larger "
+    "side), not only w2.", "decompose_both",
+)  # fmt: skip
+FULL_MATRIX = Option(
+    "full_matrix", bool, False,
+    "LoKr: keep both factors full matrices, never low-rank products; rank and alpha "
+    "then change nothing (the scale is 1).", "full_matrix",
+)  # fmt: skip
+
 # Module tensors of the LoRA family; "alpha" and "dora_scale" may join any module.
 LORA_KEYS = (frozenset({"lora_down.weight"}), frozenset({"lora_up.weight"}))
 LOHA_KEYS = tuple(frozenset({f"hada_w{i}_{s}"}) for i in (1, 2) for s in ("a", "b"))
+# LoKr: each factor whole or as both halves of its product, (w or w_a) and (w or w_b):
+# A1111's rule; a module with a lone lokr_w1_a is no loader's.
+LOKR_KEYS = tuple(frozenset({f"lokr_w{i}", f"lokr_w{i}_{s}"}) for i in (1, 2) for s in ("a", "b"))
 
 
 @dataclass(frozen=True)
@@ -103,6 +141,10 @@ ALGORITHMS: dict[str, Algorithm] = {
                   file_name="lora"),
         Algorithm("loha", "LoHa", "Hadamard product of two low-rank pairs, also on convs",
                   "networks.loha:LoHaModule", True, LOHA_KEYS, (TUCKER, DORA, DORA_ON_OUTPUT)),
+        Algorithm("lokr", "LoKr (Kronecker product)",
+                  "Kronecker product of a small and a low-rank factor, also on convs",
+                  "networks.lokr:LoKrModule", True, LOKR_KEYS,
+                  (FACTOR, DECOMPOSE_BOTH, FULL_MATRIX, TUCKER, DORA, DORA_ON_OUTPUT)),
     )
 }  # fmt: skip
 

@@ -122,10 +122,14 @@ class AdapterModule(nn.Module):
         return options
 
     @classmethod
-    def network_options(cls, adapters: list[AdapterModule]) -> dict[str, object]:
+    def network_options(
+        cls, adapters: list[AdapterModule], args: dict | None = None
+    ) -> dict[str, object]:
         """The options a file's modules of this class show together: a boolean
         holds if any module shows it (Tucker exists only on k x k convs).
-        Algorithms whose options only the whole set reveals override this."""
+        Algorithms whose options only the whole set reveals override this;
+        `args` is the file's `ss_network_args`, for an option the tensors only
+        narrow down (LoKr's factor)."""
         options: dict[str, object] = {}
         for adapter in adapters:
             for name, value in adapter.file_options().items():

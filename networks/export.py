@@ -84,7 +84,9 @@ def spec_from_metadata(
 def _file_options(algorithm: str, args: dict, network: AdapterNetwork) -> dict[str, object]:
     """What the tensors show wins; `ss_network_args` fills in the rest."""
     first = network.adapters[0]
-    shown = type(first).network_options([a for a in network.adapters if type(a) is type(first)])
+    shown = type(first).network_options(
+        [a for a in network.adapters if type(a) is type(first)], args
+    )
     options = {}
     for option in ALGORITHMS[algorithm].options:
         if option.name in shown:

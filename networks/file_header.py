@@ -19,6 +19,8 @@ from pathlib import Path
 
 from core.errors import UserError
 
+from .algorithms import ALGORITHMS, file_algorithm
+
 # The safetensors library refuses larger headers; a bigger length field means
 # the file is something else.
 MAX_HEADER_BYTES = 100_000_000
@@ -26,13 +28,11 @@ DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
     "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
-# Module names our loader maps onto SD1.x layers, and the tensors that make a
-# module of each kind (the module classes in lora.py / loha.py recognise these).
+# Module names our loader maps onto SD1.x layers; which tensors make a module of
+# each kind is the registry's (`networks.algorithms`).
 ADAPTER_PREFIXES = ("lora_unet_", "lora_te_")
-MODULE_KEYS = {
-    "lora": frozenset({"lora_down.weight", "lora_up.weight"}),
-    "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
-}
+_LABELS = [a.label.split(" (")[0] for a in ALGORITHMS.values()]
+KINDS_TEXT = f"{', '.join(_LABELS[:-1])} or {_LABELS[-1]}"  # "LoRA, LoCon, LoHa or LoKr"
 
 
 @dataclass(frozen=True)
@@ -146,8 +146,9 @@ def group_modules(names: Iterable[str]) -> dict[str, set[str]]:
 
 
 def module_kind(suffixes: set[str]) -> str | None:
-    """"lora" (LoRA/LoCon) or "loha" when a module's tensors make one, else None."""
-    return next((kind for kind, keys in MODULE_KEYS.items() if keys <= suffixes), None)
+    """The algorithm whose module these tensors make ("lora" for LoCon too), else None."""
+    algorithm = file_algorithm(suffixes)
+    return None if algorithm is None else algorithm.name
 
 
 def check_adapter_file(path: str | os.PathLike[str], setting: str, fix: str) -> FileHeader:
@@ -166,12 +167,12 @@ def check_adapter_file(path: str | os.PathLike[str], setting: str, fix: str) -> 
     if not modules or len(others) == len(modules):
         example = f" (its tensors are named like {others[0]!r})" if others else ""
         raise UserError(
-            f"{setting} = {Path(path)} is not an adapter file: it holds no LoRA, LoCon or LoHa "
+            f"{setting} = {Path(path)} is not an adapter file: it holds no {KINDS_TEXT} "
             f"weights in kohya naming{example}; a model checkpoint or another kind of file? "
             f"{fix[0].upper()}{fix[1:]}.")
     if others:
         raise UserError(
-            f"{setting} = {Path(path)} holds {len(others)} modules that are not LoRA, LoCon or "
-            f"LoHa weights in kohya naming (e.g. {others[0]!r}), which our loader cannot "
+            f"{setting} = {Path(path)} holds {len(others)} modules that are not {KINDS_TEXT} "
+            f"weights in kohya naming (e.g. {others[0]!r}), which our loader cannot "
             f"apply; {fix}.")
     return header

@@ -8,6 +8,7 @@ would crash on it, skip it or apply something else than what was trained.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -17,7 +18,7 @@ import torch
 
 from core.errors import UserError
 
-from .algorithms import file_algorithm
+from .algorithms import ALGORITHMS, file_algorithm
 from .base import shape_text
 from .file_header import UnreadableFile, read_header
 from .kohya_file import read_network_file
@@ -42,6 +43,8 @@ class Inspection:
     alphas: dict[str, int] = field(default_factory=dict)
     # DoRA modules by the axis of their magnitude: "input" / "output" channels.
     dora: dict[str, int] = field(default_factory=dict)
+    # The algorithm's options as `ss_network_args` records them (LoKr's factor...).
+    options: dict[str, object] = field(default_factory=dict)
     unet_modules: int = 0
     text_encoder_modules: int = 0
     dtypes: dict[str, int] = field(default_factory=dict)
@@ -80,6 +83,7 @@ def inspect_file(path: str) -> Inspection:
         _inspect_module(lora_name, module_tensors, found, report)
     report.algorithms, report.ranks = dict(found.algorithms), dict(found.ranks)
     report.alphas, report.dtypes = dict(found.alphas), dict(found.dtypes)
+    _read_options(metadata, found.algorithms, report)
     _report_module_problems(found.bad, report)
     if not tensors:
         report.problems.append("the file holds no tensors: there is nothing to apply.")
@@ -134,6 +138,29 @@ def _inspect_module(
     _check_dora(lora_name, module_tensors, report)
 
 
+def _read_options(metadata: dict[str, str], algorithms: Counter, report: Inspection) -> None:
+    """The options `ss_network_args` records for the file's algorithm (its "algo",
+    else the one its modules show), at LyCORIS' names; a value that is not one
+    is a warning (loading then goes by the tensors)."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except json.JSONDecodeError:
+        args = {}
+    if not isinstance(args, dict):
+        return
+    name = args.get("algo")
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        name = next(iter(algorithms), None)
+    if name is None:
+        return
+    for option in ALGORITHMS[name].options:
+        if option.arg in args:
+            try:
+                report.options[option.name] = option.from_arg(str(args[option.arg]))
+            except ValueError as exc:
+                _once(report.warnings, f"ss_network_args {exc}: the tensors decide instead.")
+
+
 _MODULE_PROBLEMS = {
     "rank 0": "have rank 0: they change nothing, and loaders that divide alpha by the rank "
               "fail on them",
@@ -154,10 +181,12 @@ def _report_module_problems(bad: dict[str, list[str]], report: Inspection) -> No
             "by 0 (no effect), A1111 and kohya by 1 (as if alpha = rank).")
 
 
-def _alpha(alpha: torch.Tensor | None, rank: int) -> tuple[str, str | None]:
-    """How alpha is shown in the summary, and what is wrong with it, if anything."""
+def _alpha(alpha: torch.Tensor | None, rank: int | str) -> tuple[str, str | None]:
+    """How alpha is shown in the summary, and what is wrong with it, if anything.
+    `rank` is "full" for a module without one (LoKr's whole factors: scale 1)."""
     if alpha is None:
-        return f"missing (scale 1, as alpha={rank})", None
+        return ("missing (scale 1)" if isinstance(rank, str)
+                else f"missing (scale 1, as alpha={rank})"), None
     if alpha.numel() != 1:
         return "invalid", f"alpha has shape {shape_text(alpha)}, not one number"
     value = float(alpha)
@@ -221,6 +250,10 @@ def format_report(report: Inspection) -> str:
     )
     lines.append("Ranks: " + ", ".join(f"{r} x{n}" for r, n in report.ranks.items()))
     lines.append("Alphas: " + ", ".join(f"{a} x{n}" for a, n in report.alphas.items()))
+    if report.options:
+        lines.append("Options: " + ", ".join(
+            f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in report.options.items()))
     if report.dora:
         lines.append("DoRA: " + ", ".join(f"{axis} axis x{n}" for axis, n in report.dora.items()))
     lines.append(

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, Dropout, apply_weight
+from .algorithms import FACTOR
+from .base import AdapterModule, Dropout, apply_weight, first_dim, shape_text
 from .loha import rebuild_tucker
 
 
@@ -151,6 +152,14 @@ def factor_for_layouts(layouts: list[KronLayout]) -> int | None:
 def _reproduces(layout: KronLayout, factor: int) -> bool:
     (a, b), (c, d) = layout.out_split, layout.in_split
     return factorization(a * b, factor) == (a, b) and factorization(c * d, factor) == (c, d)
+
+
+def _factor_arg(text) -> int | None:
+    """A `ss_network_args` factor, None when absent or not one."""
+    try:
+        return FACTOR.from_arg(str(text)) if text is not None else None
+    except ValueError:
+        return None
 
 
 def kron_factors(
@@ -348,13 +357,43 @@ class LoKrModule(AdapterModule):
         return self.layout.tucker
 
     def file_options(self) -> dict[str, object]:
-        """What the tensors show. A full w2 may be LyCORIS' own choice for a high
-        rank, so only a factorised one says anything (full_matrix is False);
-        `factor` is network-wide (`factor_for_layouts`)."""
+        """What the tensors prove; an option they say nothing about is left out
+        (the file's `ss_network_args` then tells). A full factor may be
+        LyCORIS' own choice for a high rank, so only a factorised one proves
+        full_matrix False; w1 is factorised only with decompose_both, and a whole
+        w1 next to a factorised w2 small enough for it proves decompose_both
+        False; Tucker shows only on a k x k conv with a factorised w2.
+        `factor` is network-wide (`network_options`)."""
         options = super().file_options()
-        options["decompose_both"] = self.layout.w1_rank is not None
-        if self.layout.w2_rank is not None:
+        lay = self.layout
+        kxk = any(k != 1 for k in lay.kernel)
+        if not (kxk and lay.w2_rank is not None):
+            options.pop("tucker", None)
+        if lay.w1_rank is not None:
+            options["decompose_both"] = True
+        elif lay.w2_rank is not None and lay.w2_rank < max(lay.out_split[0], lay.in_split[0]) / 2:
+            options["decompose_both"] = False
+        if lay.rank is not None:
             options["full_matrix"] = False
+        return options
+
+    @classmethod
+    def network_options(
+        cls, adapters: list[AdapterModule], args: dict | None = None
+    ) -> dict[str, object]:
+        """The booleans as the base class reads them, and `factor`: the file's
+        `ss_network_args` factor when it reproduces every module's split, else
+        the one `factor_for_layouts` finds, else the recorded one (a split no
+        factor makes, such as LyCORIS' unbalanced mode, loads from its shapes)."""
+        options = super().network_options(adapters, args)
+        layouts = [a.layout for a in adapters if isinstance(a, LoKrModule)]
+        given = _factor_arg((args or {}).get("factor"))
+        if given is not None and layouts and all(_reproduces(lay, given) for lay in layouts):
+            options["factor"] = given
+        elif (found := factor_for_layouts(layouts)) is not None:
+            options["factor"] = found
+        elif given is not None:
+            options["factor"] = given
         return options
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,17 +439,54 @@ class LoKrModule(AdapterModule):
         return out * (keep.to(out.dtype) / (1 - p))
 
     # --- file format ----------------------------------------------------
-    @staticmethod
-    def recognises(suffixes: set[str]) -> bool:
-        has_w1 = "lokr_w1" in suffixes or {"lokr_w1_a", "lokr_w1_b"} <= suffixes
-        has_w2 = "lokr_w2" in suffixes or {"lokr_w2_a", "lokr_w2_b"} <= suffixes
-        return has_w1 and has_w2
+    @classmethod
+    def check_file_tensors(cls, t: dict[str, torch.Tensor]) -> tuple[int | str, str | None]:
+        """The module's rank ("full" when neither factor is factorised: scale 1)
+        and, when its tensors do not make one layer's delta, why. Without the
+        base layer the split itself cannot be checked; loading does that."""
+        rank = "full"
+        for name in ("lokr_w2_b", "lokr_w1_b"):
+            if name in t:
+                rank = first_dim(t[name])
+                break
+        for i in (1, 2):
+            whole, a, b = (t.get(f"lokr_w{i}{s}") for s in ("", "_a", "_b"))
+            if whole is not None and (a is not None or b is not None):
+                return rank, f"lokr_w{i} is stored both whole and as lokr_w{i}_a/_b"
+        shapes = ", ".join(f"{k} {shape_text(v)}" for k, v in sorted(t.items())
+                           if k.startswith("lokr_"))
+        w1_a, w1_b = t.get("lokr_w1_a"), t.get("lokr_w1_b")
+        w2_a, w2_b, t2 = t.get("lokr_w2_a"), t.get("lokr_w2_b"), t.get("lokr_t2")
+        w1, w2 = t.get("lokr_w1"), t.get("lokr_w2")
+        two_d = [x for x in (w1, w1_a, w1_b, w2_a, w2_b) if x is not None]
+        if any(x.dim() != 2 for x in two_d) or (w2 is not None and w2.dim() not in (2, 4)):
+            return rank, f"the lokr factors are not matrices (w2 may be a 4-D kernel) ({shapes})"
+        if w1_a is not None and w1_a.shape[1] != w1_b.shape[0]:
+            return rank, f"lokr_w1_a and lokr_w1_b do not multiply ({shapes})"
+        if t2 is not None:
+            if w2_a is None or t2.dim() != 4 or t2.shape[:2] != (w2_a.shape[0], w2_b.shape[0]):
+                return rank, (f"the Tucker lokr_t2 does not chain with lokr_w2_a and lokr_w2_b "
+                              f"(rank x rank x k x k, rank x out, rank x in) ({shapes})")
+        elif w2_a is not None and w2_a.shape[1] != w2_b.shape[0]:
+            return rank, f"lokr_w2_a and lokr_w2_b do not multiply ({shapes})"
+        return rank, None
 
     @classmethod
     def from_tensors(
         cls, lora_name: str, base: nn.Module, tensors: dict[str, torch.Tensor], dropout: Dropout
     ) -> LoKrModule:
-        layout = layout_from_tensors(tensors, base.weight.shape)
+        """Raises KeyError naming the module when its tensors do not fit the layer."""
+        try:
+            layout = layout_from_tensors(tensors, base.weight.shape)
+        except ValueError as exc:
+            raise KeyError(f"{lora_name}: {exc}") from None
+        wanted = layout.tensor_shapes()
+        for name, shape in wanted.items():
+            if name not in tensors or tensors[name].numel() != math.prod(shape):
+                got = shape_text(tensors[name]) if name in tensors else "nothing"
+                raise KeyError(f"{lora_name}: its LoKr factors do not make a "
+                               f"{tuple(base.weight.shape)} weight ({name} is {got}, not "
+                               f"{shape})")
         alpha = float(tensors["alpha"]) if "alpha" in tensors else None
         rank = layout.rank
         if rank is None:

@@ -16,6 +16,9 @@ NETWORK_CASES = {
     "locon-tucker": NetworkSpec("locon", rank=4, alpha=2, conv_rank=4, conv_alpha=1, tucker=True),
     "loha": NetworkSpec("loha", rank=4, alpha=2, conv_rank=4, conv_alpha=1),
     "loha-tucker": NetworkSpec("loha", rank=4, alpha=2, conv_rank=4, conv_alpha=1, tucker=True),
+    # rank 2: low enough for the demo model's small w1 factors to be factorised too
+    "lokr": NetworkSpec("lokr", rank=2, alpha=2, conv_rank=2, conv_alpha=1,
+                        options={"decompose_both": True}),
 }
 
 

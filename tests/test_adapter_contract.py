@@ -27,6 +27,15 @@ BASE_CASES = {
     "loha-linear": ("loha", "linear", {}),
     "loha-conv": ("loha", "conv", {}),
     "loha-tucker-conv": ("loha", "conv", {"tucker": True}),
+    # LoKr on layers wide enough to split: 48 = 6 x 8, 64 = 8 x 8, so rank 3 makes
+    # w2 (and with decompose_both w1) low-rank; the 6 -> 5 conv gets whole factors.
+    "lokr-linear": ("lokr", "wide-linear", {}),
+    "lokr-decompose-both-linear": ("lokr", "wide-linear", {"decompose_both": True}),
+    "lokr-factor-linear": ("lokr", "wide-linear", {"factor": 4}),
+    "lokr-full-linear": ("lokr", "wide-linear", {"full_matrix": True}),
+    "lokr-conv": ("lokr", "wide-conv", {}),
+    "lokr-whole-conv": ("lokr", "conv", {}),
+    "lokr-tucker-conv": ("lokr", "wide-conv", {"tucker": True}),
 }
 CASES = {
     **BASE_CASES,
@@ -36,27 +45,34 @@ CASES = {
 }  # fmt: skip
 
 
+# kind -> (layer, input shape)
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 10), (2, 7, 12)),
+    "conv1x1": (lambda: nn.Conv2d(6, 5, 1), (2, 6, 9, 9)),
+    "conv": (lambda: nn.Conv2d(6, 5, 3, padding=1, stride=2), (2, 6, 9, 9)),
+    "wide-linear": (lambda: nn.Linear(64, 48), (2, 5, 64)),
+    "wide-conv": (lambda: nn.Conv2d(64, 48, 3, padding=1, stride=2), (2, 64, 7, 7)),
+}
+
+
 def make_layer(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    if kind == "linear":
-        return nn.Linear(12, 10)
-    if kind == "conv1x1":
-        return nn.Conv2d(6, 5, 1)
-    return nn.Conv2d(6, 5, 3, padding=1, stride=2)
+    return LAYERS[kind][0]()
 
 
 def make_input(kind: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed(3)
-    shape = (2, 7, 12) if kind == "linear" else (2, 6, 9, 9)
-    return torch.randn(shape, generator=generator)
+    return torch.randn(LAYERS[kind][1], generator=generator)
 
 
 def build(case: str):
     """The case's module, through the registry as a network builds it."""
     algorithm, kind, options = CASES[case]
+    shared = ("tucker", "dora", "dora_on_output")
     spec = NetworkSpec(algorithm, rank=3, alpha=2.0, conv_rank=3, conv_alpha=2.0,
                        tucker=options.get("tucker", False), dora=options.get("dora", False),
-                       dora_on_output=options.get("dora_on_output", False))  # fmt: skip
+                       dora_on_output=options.get("dora_on_output", False),
+                       options={k: v for k, v in options.items() if k not in shared})  # fmt: skip
     layer = make_layer(kind)
     module = module_class(algorithm)("lora_unet_x", layer, 3, 2.0, Dropout(),
                                      **spec.module_kwargs())  # fmt: skip
@@ -87,6 +103,8 @@ def closed_form_delta(module) -> torch.Tensor:
             return up @ down
         return torch.einsum("or,rihw->oihw", up[:, :, 0, 0], down)
     w = module.base.weight
+    if "lokr_w1" in p or "lokr_w1_a" in p:
+        return kronecker_delta(p, w.shape)
     if "hada_t1" in p:
         factors = [torch.einsum("ijhw,io,jn->onhw", p[f"hada_t{i}"], p[f"hada_w{i}_a"],
                                 p[f"hada_w{i}_b"]) for i in (1, 2)]
@@ -94,9 +112,36 @@ def closed_form_delta(module) -> torch.Tensor:
     return ((p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])).reshape(w.shape)
 
 
+def kronecker_delta(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """delta[i*b + j, k*d + l] = w1[i, k] * w2[j, l] (a conv's kernel rides on w2)."""
+    w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+    (a, c), kernel = w1.shape, tuple(shape[2:])
+    b, d = shape[0] // a, shape[1] // c
+    if "lokr_w2" in p:
+        w2 = p["lokr_w2"]
+    elif "lokr_t2" in p:  # core (r, r, k, k), w2_a (r, b), w2_b (r, d)
+        w2 = torch.einsum("rshw,rb,sd->bdhw", p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+    else:
+        w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
+    w2 = w2.reshape(b, d, *kernel)
+    if kernel:
+        return torch.einsum("ik,jlhw->ijklhw", w1, w2).reshape(shape)
+    return torch.einsum("ik,jl->ijkl", w1, w2).reshape(shape)
+
+
+def closed_form_scale(module) -> float:
+    """alpha / rank; LoKr's rank is the rows of w2_b (else w1_b), and whole
+    factors have none: scale 1 whatever the alpha."""
+    p = dict(module.named_parameters())
+    if "lokr_w1" in p or "lokr_w1_a" in p:
+        rank_of = next((p[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in p), None)
+        return 1.0 if rank_of is None else float(module.alpha) / rank_of
+    return float(module.alpha) / module.rank
+
+
 def closed_form_weight(module, multiplier: float) -> torch.Tensor:
     w = module.base.weight.detach()
-    scale = float(module.alpha) / module.rank
+    scale = closed_form_scale(module)
     delta = closed_form_delta(module).detach()
     if "dora_scale" not in dict(module.named_parameters()):
         return w + multiplier * scale * delta
@@ -242,10 +287,31 @@ def test_every_option_is_a_network_setting_that_reaches_the_spec():
     assert spec.option_values() == {"tucker": True, "dora": True, "dora_on_output": True}
 
 
+def test_lokr_options_are_network_settings_that_reach_the_module():
+    from trainer.config import load_config
+
+    config = load_config(None, ["network.type=lokr", "network.factor=4",
+                                "network.decompose_both=true", "network.rank=3"])
+    spec = config.network.to_spec()
+    assert spec.option_values() == {"factor": 4, "decompose_both": True, "full_matrix": False,
+                                    "tucker": False, "dora": False, "dora_on_output": False}
+    module = module_class("lokr")("lora_unet_x", nn.Linear(64, 48), spec.rank, spec.alpha,
+                                  spec.dropout, **spec.module_kwargs())  # fmt: skip
+    # factor 4: 48 = 4 x 12 and 64 = 4 x 16; w1 (4, 4) is too small to factorise.
+    assert module.layout.out_split == (4, 12) and module.layout.in_split == (4, 16)
+    assert module.layout.w1_rank is None and module.layout.w2_rank == 3
+
+
 @pytest.mark.parametrize("settings, message", [
     (["network.type=lora", "network.tucker=true"],
-     'network.tucker = true does not apply to network.type = "lora" (only to locon, loha); '
-     "remove it or change network.type"),
+     'network.tucker = true does not apply to network.type = "lora" (only to locon, loha, '
+     'lokr); remove it or change network.type'),
+    (["network.type=locon", "network.factor=8"],
+     'network.factor = 8 does not apply to network.type = "locon" (only to lokr)'),
+    (["network.type=lokr", "network.factor=0"],
+     "network.factor = 0 must be -1 (automatic) or a whole number of at least 1"),
+    (["network.type=lokr", "network.factor=-2"],
+     "network.factor = -2 must be -1 (automatic) or a whole number of at least 1"),
     (["network.dora_on_output=true"],
      "network.dora_on_output = true needs network.dora = true; set both, or remove "
      "network.dora_on_output"),

@@ -21,6 +21,7 @@ from gui.form import (
     values_to_config,
 )
 from gui.train_tab import KINDS, MAIN_ROWS, fields_of_kind, kind_of
+from networks.algorithms import ALGORITHMS, all_options
 from trainer.config import SECTIONS, TrainConfig, load_config, preset_paths
 
 
@@ -86,6 +87,9 @@ def test_overrides_on_a_base_give_the_form_config(preset):
     for key, value in {"train.steps": 7, "sample.prompts": "a\nb \"quoted\"", "network.type":
                        "loha", "output.name": "1.5", "model.path": "demo"}.items():
         values[KEYS.index(key)] = value
+    for name, option in all_options().items():  # a LoKr preset's factor does not apply to loha
+        if name not in ALGORITHMS["loha"].option_names:
+            values[KEYS.index(f"network.{name}")] = option.default
     config = values_to_config(values)
     overrides = overrides_between(base, config)
     assert load_config(preset_paths()[preset], overrides) == config
@@ -115,13 +119,14 @@ def test_toml_values_read_back_exactly(text):
 def test_problems_name_the_setting_without_cli_syntax():
     values = config_to_values(TrainConfig())
     values[KEYS.index("train.steps")] = -1
-    values[KEYS.index("network.type")] = "lokr"
+    values[KEYS.index("network.type")] = "oft"
     values[KEYS.index("dataset.resolution")] = 100
     with pytest.raises(UserError) as caught:
         values_to_config(values)
     message = str(caught.value)
     assert message.startswith("3 problems in the config:")
-    assert "network.type = \"lokr\" is not allowed; choose one of: lora, locon, loha" in message
+    assert ("network.type = \"oft\" is not allowed; choose one of: lora, locon, loha, "
+            "lokr") in message
     assert "train.steps = -1 is out of range; it must be at least 0" in message
     assert "--set" not in message
 

@@ -42,6 +42,14 @@ def loha(w1=((16, 4), (4, 8)), w2=((16, 4), (4, 8)), t1=None, t2=None) -> dict:
         f"{NAME}.alpha": torch.tensor(2.0)}
 
 
+def lokr(alpha: float | None = 2.0, **shapes) -> dict:
+    """A LoKr module for a 32 x 24 layer (w1 (4, 4), w2 (8, 6)): w2 low-rank
+    unless told otherwise; a shape of None leaves the tensor out."""
+    shapes = {"lokr_w1": (4, 4), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 6)} | shapes
+    tensors = {f"{NAME}.{k}": torch.randn(*s) for k, s in shapes.items() if s}
+    return tensors | ({} if alpha is None else {f"{NAME}.alpha": torch.tensor(alpha)})
+
+
 def inspect(path: Path, capsys, *args: str) -> tuple[int, str, str]:
     status = main(["inspect", str(path), *args])
     out, err = capsys.readouterr()
@@ -62,6 +70,12 @@ GOOD = {
     "loha tucker": loha(((4, 16), (4, 8)), ((4, 16), (4, 8)), (4, 4, 3, 3), (4, 4, 3, 3)),
     "no alpha": lora(alpha=None),
     "alpha as a one-element vector": lora(alpha=torch.tensor([4.0])),
+    "lokr": lokr(),
+    "lokr decompose both": lokr(lokr_w1=None, lokr_w1_a=(4, 2), lokr_w1_b=(2, 4)),
+    "lokr full": lokr(lokr_w2_a=None, lokr_w2_b=None, lokr_w2=(8, 6)),
+    "lokr full conv, no alpha": lokr(None, lokr_w2_a=None, lokr_w2_b=None, lokr_w2=(8, 6, 3, 3)),
+    "lokr flattened conv w2_b": lokr(lokr_w2_b=(2, 54)),
+    "lokr tucker": lokr(lokr_w2_a=(2, 8), lokr_w2_b=(2, 6), lokr_t2=(2, 2, 3, 3)),
 }
 
 
@@ -108,6 +122,33 @@ PROBLEMS = {
             "(4, 16), hada_w2_b (4, 8), hada_t1 (4, 4, 3, 3), hada_t2 (4, 3, 3, 3))")),
     "loha with one tucker core": (loha(t1=(4, 4, 3, 3)), SHAPES.format(
         "only one of hada_t1 and hada_t2 is present (Tucker needs both)")),
+    "lokr w2_a and w2_b disagree": (lokr(lokr_w2_a=(8, 3)), SHAPES.format(
+        "lokr_w2_a and lokr_w2_b do not multiply (lokr_w1 (4, 4), lokr_w2_a (8, 3), "
+        "lokr_w2_b (2, 6))")),
+    "lokr w1_a and w1_b disagree": (lokr(lokr_w1=None, lokr_w1_a=(4, 2), lokr_w1_b=(3, 4)),
+                                    SHAPES.format(
+        "lokr_w1_a and lokr_w1_b do not multiply (lokr_w1_a (4, 2), lokr_w1_b (3, 4), "
+        "lokr_w2_a (8, 2), lokr_w2_b (2, 6))")),
+    "lokr tucker core does not fit": (
+        lokr(lokr_w2_a=(2, 8), lokr_w2_b=(2, 6), lokr_t2=(2, 3, 3, 3)), SHAPES.format(
+            "the Tucker lokr_t2 does not chain with lokr_w2_a and lokr_w2_b (rank x rank x k x "
+            "k, rank x out, rank x in) (lokr_t2 (2, 3, 3, 3), lokr_w1 (4, 4), lokr_w2_a (2, 8), "
+            "lokr_w2_b (2, 6))")),
+    "lokr tucker core on a whole w2": (
+        lokr(lokr_w2_a=None, lokr_w2_b=None, lokr_w2=(8, 6), lokr_t2=(2, 2, 3, 3)), SHAPES.format(
+            "the Tucker lokr_t2 does not chain with lokr_w2_a and lokr_w2_b (rank x rank x k x "
+            "k, rank x out, rank x in) (lokr_t2 (2, 2, 3, 3), lokr_w1 (4, 4), lokr_w2 (8, 6))")),
+    "lokr w1 whole and factorised": (lokr(lokr_w1_a=(4, 2), lokr_w1_b=(2, 4)), SHAPES.format(
+        "lokr_w1 is stored both whole and as lokr_w1_a/_b")),
+    "lokr w1 not a matrix": (lokr(lokr_w1=(4, 4, 1)), SHAPES.format(
+        "the lokr factors are not matrices (w2 may be a 4-D kernel) (lokr_w1 (4, 4, 1), "
+        "lokr_w2_a (8, 2), lokr_w2_b (2, 6))")),
+    # A1111 skips a factor with only one half; so does every loader that checks.
+    "lokr w2_a without w2_b": (lokr(lokr_w2_b=None), f"1 unknown modules (e.g. {NAME}): no "
+                               "loader will apply them."),
+    "lokr rank 0": (lokr(lokr_w2_a=(8, 0), lokr_w2_b=(0, 6)), "1 modules have rank 0: they "
+                    f"change nothing, and loaders that divide alpha by the rank fail on them "
+                    f"(e.g. {NAME}: rank 0)."),
     "rank 0": (lora(rank=0), "1 modules have rank 0: they change nothing, and loaders that "
                              f"divide alpha by the rank fail on them (e.g. {NAME}: rank 0)."),
     "no tensors": ({}, "the file holds no tensors: there is nothing to apply."),
@@ -123,6 +164,35 @@ def test_broken_modules_are_problems_with_exit_1(tmp_path, capsys, tensors, prob
     assert "OK:" not in out and out.splitlines()[-1].startswith("Problems found: ")
     status, out, _ = inspect(path, capsys, "--json")
     assert status == 1 and problem in json.loads(out)["problems"]
+
+
+def test_a_lokr_file_reports_its_ranks_and_alphas(tmp_path, capsys):
+    tensors = lokr() | {k.replace(NAME, NAME + "_full"): v for k, v in lokr(
+        3.0, lokr_w2_a=None, lokr_w2_b=None, lokr_w2=(8, 6)).items()}
+    status, out, _ = inspect(write(tmp_path, tensors), capsys, "--json")
+    report = json.loads(out)
+    assert status == 0 and report["problems"] == []
+    assert report["algorithms"] == {"lokr": 2}
+    assert report["ranks"] == {"2": 1, "full": 1} and report["alphas"] == {"2": 1, "3": 1}
+
+
+@pytest.mark.parametrize("args, options, warning", [
+    ({"algo": "lokr", "factor": "8", "decompose_both": "True", "conv_dim": "4"},
+     {"factor": 8, "decompose_both": True}, None),
+    ({"factor": "0"}, {}, "warning: ss_network_args factor = '0' must be -1 (automatic) or a "
+                          "whole number of at least 1: the tensors decide instead."),
+    ({"algo": ["lokr"], "full_matrix": "maybe"}, {}, "warning: ss_network_args full_matrix = "
+     "'maybe' is not True or False: the tensors decide instead."),
+])  # fmt: skip
+def test_the_recorded_options_are_reported(tmp_path, capsys, args, options, warning):
+    path = tmp_path / "adapter.safetensors"
+    save_file(lokr(), path, {"ss_network_args": json.dumps(args)})
+    status, out, _ = inspect(path, capsys, "--json")
+    assert status == 0 and json.loads(out)["options"] == options
+    status, out, _ = inspect(path, capsys)
+    if options:
+        assert "Options: factor = 8, decompose_both = true" in out.splitlines()
+    assert (warning in out.splitlines()) if warning else "warning: ss_network_args" not in out
 
 
 def test_alpha_0_is_a_warning_naming_the_disagreement(tmp_path, capsys):

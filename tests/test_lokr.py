@@ -453,12 +453,40 @@ def test_rank_dropout_drops_whole_output_channels_of_the_delta():
     assert torch.count_nonzero(per_channel[~kept]) == 0
 
 
-def test_file_options_read_back_what_the_tensors_show():
-    base = nn.Conv2d(24, 32, 3, padding=1)
+def test_file_options_say_only_what_the_tensors_prove():
+    base = nn.Conv2d(24, 32, 3, padding=1)  # w1 (4, 4), w2 (8, 6, 3, 3)
     tucker = LoKrModule(NAME, base, 1, 1, tucker=True, decompose_both=True).file_options()
     assert tucker["tucker"] and tucker["decompose_both"] and tucker["full_matrix"] is False
-    full = LoKrModule(NAME, base, 1, 1, full_matrix=True).file_options()
-    assert not full["tucker"] and not full["decompose_both"] and "full_matrix" not in full
+    # rank 1 would have factorised the (4, 4) w1 with decompose_both: it was off.
+    plain = LoKrModule(NAME, base, 1, 1).file_options()
+    assert (plain["tucker"], plain["decompose_both"], plain["full_matrix"]) == (False,) * 3
+    # Whole factors may be LyCORIS' own choice for a high rank: they prove nothing.
+    full = LoKrModule(NAME, base, 1, 1, full_matrix=True, tucker=True).file_options()
+    assert {"tucker", "decompose_both", "full_matrix"}.isdisjoint(full)
+    assert "tucker" not in LoKrModule(NAME, nn.Linear(48, 40), 2, 2).file_options()
+
+
+def test_network_options_prefer_the_recorded_factor_when_the_shapes_agree():
+    # 64 splits as 8 x 8 with factor 8 and with -1; factor 4 would make 4 x 16.
+    modules = [LoKrModule(NAME, nn.Linear(64, 64), 4, 4, factor=8)]
+    assert LoKrModule.network_options(modules)["factor"] == -1
+    assert LoKrModule.network_options(modules, {"factor": "8"})["factor"] == 8
+    for contradicted in ("4", "0", "x"):
+        assert LoKrModule.network_options(modules, {"factor": contradicted})["factor"] == -1
+    # A split no factor makes: the recorded value if any, else nothing is claimed.
+    unbalanced = dict(LoKrModule(NAME, nn.Linear(320, 320), 4, 4).state_dict())
+    unbalanced |= {"lokr_w1": torch.zeros(20, 16), "lokr_w2_a": torch.zeros(16, 4)}
+    loaded = [LoKrModule.from_tensors(NAME, nn.Linear(320, 320), unbalanced, Dropout())]
+    assert "factor" not in LoKrModule.network_options(loaded)
+    assert LoKrModule.network_options(loaded, {"factor": "16"})["factor"] == 16
+
+
+def test_tensors_that_do_not_fit_the_layer_are_refused_naming_the_module():
+    tensors = dict(LoKrModule(NAME, nn.Linear(48, 40), 2, 3).state_dict())  # w1 (5, 6)
+    with pytest.raises(KeyError, match=r"lokr_w1 does not divide a \(42, 48\) weight"):
+        LoKrModule.from_tensors(NAME, nn.Linear(48, 42), tensors, Dropout())
+    with pytest.raises(KeyError, match=r"lokr_w2_b is \(2, 8\), not \(2, 16\)"):
+        LoKrModule.from_tensors(NAME, nn.Linear(96, 40), tensors, Dropout())
 
 
 @pytest.mark.parametrize("factor", [-1, 4, 8, 16, 24])

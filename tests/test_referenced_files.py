@@ -46,9 +46,10 @@ def write_kind(path: Path, kind: str) -> Path:
 
 
 WHY = {
-    "checkpoint": "{setting} = {path} is not an adapter file: it holds no LoRA, LoCon or LoHa "
-                  "weights in kohya naming (its tensors are named like 'first_stage_model'); a "
-                  "model checkpoint or another kind of file? Set {setting} to {what}, or to "
+    "checkpoint": "{setting} = {path} is not an adapter file: it holds no LoRA, LoCon, LoHa or "
+                  "LoKr weights in kohya naming (its tensors are named like "
+                  "'first_stage_model'); a model checkpoint or another kind of file? Set "
+                  "{setting} to {what}, or to "
                   '"" to turn it off.',
     "text": "{setting} = {path} is not a safetensors file (it does not start with a "
             'safetensors header); set {setting} to {what}, or to "" to turn it off.',
@@ -61,8 +62,8 @@ WHY = {
               'file; set {setting} to {what}, or to "" to turn it off.',
     "missing": '{setting} = {path} does not exist; set {setting} to {what}, or to "" to turn it '
                "off.",
-    "mixed": "{setting} = {path} holds 1 modules that are not LoRA, LoCon or LoHa weights in "
-             "kohya naming (e.g. 'model'), which our loader cannot apply; set {setting} to "
+    "mixed": "{setting} = {path} holds 1 modules that are not LoRA, LoCon, LoHa or LoKr weights "
+             "in kohya naming (e.g. 'model'), which our loader cannot apply; set {setting} to "
              '{what}, or to "" to turn it off.',
 }
 WHAT = {"network.resume_from": "an adapter .safetensors file saved by this trainer or by kohya",

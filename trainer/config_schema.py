@@ -105,8 +105,8 @@ class _NetworkFields(Section):
         f"{a.name}: {a.help}" for a in ALGORITHMS.values()) + ".")
     rank: int = Field(16, ge=1, le=1024, description="Rank (kohya network_dim): capacity/size.")
     alpha: float = Field(8.0, gt=0, description="The update is scaled by alpha / rank.")
-    conv_rank: int = Field(8, ge=1, le=1024, description="Rank on 3x3 convs (locon/loha).")
-    conv_alpha: float = Field(4.0, gt=0, description="Alpha on 3x3 convs (locon/loha).")
+    conv_rank: int = Field(8, ge=1, le=1024, description="Rank on 3x3 convs (locon/loha/lokr).")
+    conv_alpha: float = Field(4.0, gt=0, description="Alpha on 3x3 convs (locon/loha/lokr).")
     dropout: float = _probability(0.0, "Neuron dropout on the adapter's hidden activations.")
     rank_dropout: float = _probability(0.0, "Drop whole rank channels per sample.")
     module_dropout: float = _probability(0.0, "Skip a whole adapter module for a step.")
@@ -129,6 +129,8 @@ class _NetworkFields(Section):
     def _options_fit_the_type(self):
         for name, option in all_options().items():
             value, users = getattr(self, name), algorithms_using(name)
+            if option.problem(value):
+                raise ValueError(f"network.{name} = {_toml(value)} {option.problem(value)}")
             if value != option.default and self.type not in users:
                 raise ValueError(
                     f"network.{name} = {_toml(value)} does not apply to network.type = "
