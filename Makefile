@@ -52,3 +52,5 @@ bench: $(DEV_STAMP)
 	$(PY) -m bench.lcm_preview_speed
 	$(PY) -m bench.lcm_evidence
 	$(PY) -m bench.gui_startup
+	$(PY) bench/e2e_small.py
+	$(PY) -m bench.compile_cost

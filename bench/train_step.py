@@ -19,6 +19,7 @@ step cost about 400 Python calls, well under 0.1% of it.
 
     python -m bench.train_step [--steps N] [--workdir DIR]
     python -m bench.train_step --resolution 512 --batch 8 --mixed-precision bf16  # GPU
+    python -m bench.train_step --compile  # our column compiled (train.compile)
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def measure(model_dir: Path, workdir: Path, args) -> dict[str, list[float]]:
         "network.train_text_encoder": False, "train.steps": args.steps,
         "train.batch_size": args.batch, "train.scheduler": "constant",
         "train.mixed_precision": args.mixed_precision, "output.dir": str(workdir / "out"),
+        "train.compile": args.compile,
     }  # fmt: skip
     shutil.rmtree(workdir / "out", ignore_errors=True)  # train afresh, not as a resume
     interleaved = InterleavedSteps(train_module.training_loss, args.batch, args.resolution // 8)
@@ -170,12 +172,16 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    parser.add_argument("--compile", action="store_true",
+                        help="our steps with train.compile (the compiled column); the bare "
+                             "and reference steps stay eager")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     times = measure(build_model_folder(args.workdir), args.workdir, args)
     # The first two steps warm up allocator and kernels; each later step gives a ratio
     # between neighbours measured seconds apart.
     kept = {name: values[2:] for name, values in times.items()}
+    print(f"ours, first step: {times['ours'][0]:.1f} s (with --compile: the compile)")
     for name, values in kept.items():
         print(f"{name:9s} median {statistics.median(values):.3f} s  "
               f"({', '.join(f'{v:.2f}' for v in values)})")  # fmt: skip

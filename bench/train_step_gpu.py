@@ -8,6 +8,8 @@ latents, LoRA r16 on the attention set, through `trainer.train.run`:
   utilisation against the GPU's own measured bf16 matmul peak (target for
   batch 8 >= 35%; a LoRA step is about 1.6 TFLOP per image at 512x512,
   scaled by pixel count at other sizes);
+- the same training cases with `train.compile` (eager/compiled columns), with
+  the compile time of the bucket shape (the first step's extra time);
 - LCM-LoRA distillation (issue [4/5]) at batch 8 with the sd15-lcm-distill
   network (LoCon rank 64): images/s and peak VRAM (its MFU is not comparable:
   a distillation step runs the U-Net four times).
@@ -32,12 +34,15 @@ from pathlib import Path
 import torch
 
 TFLOP_PER_IMAGE_512 = 1.6
-CASES = [  # (task, batch, gradient checkpointing)
-    ("train", 1, True),
-    ("train", 1, False),
-    ("train", 8, False),
-    ("lcm_distill", 8, False),
+CASES = [  # (task, batch, gradient checkpointing, train.compile)
+    ("train", 1, True, False),
+    ("train", 1, False, False),
+    ("train", 8, False, False),
+    ("lcm_distill", 8, False, False),
 ]
+# Compiled columns (issue [3/6]); the first step's time is the compile of the
+# one bucket shape. Not in --smoke: Inductor builds kernels for minutes on a CPU.
+COMPILED_CASES = [("train", 1, True, True), ("train", 1, False, True), ("train", 8, False, True)]
 LCM_NETWORK = {"network.type": "locon", "network.rank": 64, "network.alpha": 64,
                "network.conv_rank": 64, "network.conv_alpha": 64}  # fmt: skip
 
@@ -76,7 +81,7 @@ def train_case(model: Path, data: Path, out: Path, case: tuple, args) -> dict:
     from trainer.config import load_config
     from trainer.train import run
 
-    task, batch, checkpointing = case
+    task, batch, checkpointing, compiled = case
     settings = {
         "model.path": str(model), "dataset.path": str(data),
         "dataset.resolution": args.resolution, "dataset.buckets": False,
@@ -84,6 +89,7 @@ def train_case(model: Path, data: Path, out: Path, case: tuple, args) -> dict:
         "network.train_text_encoder": False, "train.steps": args.steps,
         "train.batch_size": batch, "train.scheduler": "constant",
         "train.mixed_precision": "bf16", "train.gradient_checkpointing": checkpointing,
+        "train.compile": compiled,
         "output.dir": str(out), "task": task,
         **(LCM_NETWORK if task == "lcm_distill" else {}),
     }  # fmt: skip
@@ -94,11 +100,14 @@ def train_case(model: Path, data: Path, out: Path, case: tuple, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     run(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    it_s = statistics.median(json.loads(line)["it_s"] for line in lines[2:])
+    step_s = [1 / json.loads(line)["it_s"] for line in lines]
+    it_s = 1 / statistics.median(step_s[2:])
     return {
         "task": task,
         "batch": batch,
         "gradient_checkpointing": checkpointing,
+        "compile": compiled,
+        "first_step_extra_s": step_s[0] - statistics.median(step_s[2:]),
         "it_s": it_s,
         "images_s": it_s * batch,
         "peak_vram_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
@@ -131,14 +140,16 @@ def main(argv=None) -> dict:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report = {"device": device_name, "resolution": args.resolution, "steps": args.steps,
               "bf16_matmul_peak_tflops": peak, "cases": []}  # fmt: skip
-    for task, batch, checkpointing in CASES:
-        case = train_case(model, data, args.workdir / "out", (task, batch, checkpointing), args)
+    for task, batch, checkpointing, compiled in CASES + ([] if args.smoke else COMPILED_CASES):
+        case = train_case(model, data, args.workdir / "out",
+                          (task, batch, checkpointing, compiled), args)
         if task == "train":
             case["mfu"] = case["images_s"] * tflop_per_image / peak
         report["cases"].append(case)
         vram = case["peak_vram_gb"]
         mfu = f", MFU {case['mfu']:.1%}" if "mfu" in case else ""
-        print(f"{task}, batch {batch}, checkpointing {checkpointing}: {case['it_s']:.3f} it/s, "
+        print(f"{task}, batch {batch}, checkpointing {checkpointing}, compile {compiled}: "
+              f"{case['it_s']:.3f} it/s, first step +{case['first_step_extra_s']:.1f} s, "
               f"{case['images_s']:.2f} images/s{mfu}, peak VRAM "
               f"{'n/a' if vram is None else f'{vram:.2f} GB'}", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

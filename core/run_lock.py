@@ -19,11 +19,12 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from core.atomic import atomic_write_text
+from core.atomic import TMP_SUFFIX, atomic_write_text
 from core.errors import UserError
 
 LOCK_NAME = "trainer.lock"
@@ -213,12 +214,37 @@ def _held_elsewhere(owner: Owner) -> bool:
 
 def write_status(folder: Path, state: str, step: int, total: int, error: str = "",
                  files: dict[str, str] | None = None) -> None:
-    """Replace status.json (atomically: a reader never sees half of it)."""
+    """Replace status.json (atomically: a reader never sees half of it).
+
+    Only a final state is fsynced. The others are rewritten every second
+    from inside the training loop, where an fsync on a disk busy with other
+    jobs blocks the step (up to 50 ms measured on a shared VM, against a
+    0.1 s step); losing one to a power cut loses nothing: the next run
+    rewrites it and readers also check whether the owner is alive."""
     owner = this_process()
     record = {"state": state, "step": step, "total": total, "pid": owner.pid,
               "pid_start": owner.start_time, "host": owner.host, "error": error,
               "files": files or {}, "updated_at": time.time()}
-    atomic_write_text(Path(folder) / STATUS_NAME, json.dumps(record, indent=1) + "\n")
+    text = json.dumps(record, indent=1) + "\n"
+    path = Path(folder) / STATUS_NAME
+    if state in FINAL_STATES:
+        atomic_write_text(path, text)
+    else:
+        _replace_unsynced(path, text.encode("utf-8"))
+
+
+def _replace_unsynced(path: Path, payload: bytes) -> None:
+    # Named like core.atomic's temporary files, so that a killed write's
+    # leftover is cleared the same way (remove_tmp_leftovers).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(payload)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_status(folder: Path) -> dict | None:

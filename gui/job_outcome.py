@@ -57,10 +57,12 @@ def own_status(job: Job, owner: Owner | None) -> dict | None:
 
 def child_outcome(job: Job, returncode: int, output: str) -> Outcome:
     """How a child of this app that exited with `returncode` ended."""
-    if job.status is Status.STOPPING and returncode in _STOP_SIGNALS:
+    status = own_status(job, job.trainer)
+    # A Stop that reached a trainer after it had finished (while it exited) stops nothing.
+    finished = status is not None and status.get("state") == run_lock.DONE
+    if job.status is Status.STOPPING and returncode in _STOP_SIGNALS and not finished:
         return Status.STOPPED, ("Stopped while starting up, before the first step; an earlier "
                                 "saved state, if any, is untouched."), ""
-    status = own_status(job, job.trainer)
     if status is not None and status.get("state") in run_lock.FINAL_STATES:
         return _from_status(job, status, lambda error: _failure(returncode, error, output))
     if returncode == 0:

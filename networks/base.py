@@ -85,11 +85,12 @@ class AdapterModule(nn.Module):
         self.merged = False
         self.dora_on_output = False
         # Set by the input-axis DoRA pre-hook for the forward hook that follows it.
-        self._dora_scaled = self._dora_dropped = False
+        self._dora_scaled, self._dora_keep = False, True
         # A list keeps the base layer out of this module's children and state dict.
         self._base = [base]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.refresh_scale()
 
     # --- per-algorithm --------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -142,10 +143,20 @@ class AdapterModule(nn.Module):
     def base(self) -> nn.Module:
         return self._base[0]
 
+    def refresh_scale(self) -> None:
+        """Fill the scale's cache eagerly (a compiled graph only reads it).
+        The base class's rule: a subclass's `scale` may need fields that its
+        own __init__ sets after this one."""
+        AdapterModule.scale.fget(self)
+
     @property
     def scale(self) -> float:
         # Cached per version of the alpha buffer: float() of a GPU tensor would
-        # synchronise the device on every forward.
+        # synchronise the device on every forward. A compiled graph reads the
+        # cached value (refresh_scale, called before compiling: trainer/compile.py):
+        # it cannot trace a read-back, and alpha is never trained.
+        if torch.compiler.is_compiling():
+            return self._scale
         version = self.alpha._version
         if getattr(self, "_scale_version", None) != (version, self.alpha.data_ptr()):
             self._scale = float(self.alpha) / self.rank
@@ -174,11 +185,27 @@ class AdapterModule(nn.Module):
     def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged or self.multiplier == 0:
             return output
-        if self.training and self.dropout.module and torch.rand(()) < self.dropout.module:
+        keep = self._module_kept()
+        if keep is False:
             return output
         x = self._adapter_input(args[0])
-        delta = self.delta_forward(x, self.multiplier * self.scale)
+        delta = self._masked(self.delta_forward(x, self.multiplier * self.scale), keep)
         return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
+
+    def _module_kept(self) -> bool | torch.Tensor:
+        """Module dropout's draw for this forward: True/False in eager mode (a
+        dropped module costs nothing), a 0/1 tensor under torch.compile, where a
+        branch on a random draw would split the U-Net graph at every adapter."""
+        p = self.dropout.module
+        if not (self.training and p):
+            return True
+        if torch.compiler.is_compiling():
+            return (torch.rand(()) >= p).float()
+        return bool(torch.rand(()) >= p)
+
+    @staticmethod
+    def _masked(delta: torch.Tensor, keep: bool | torch.Tensor) -> torch.Tensor:
+        return delta if keep is True else delta * keep.to(delta.device, delta.dtype)
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         # Adapter weights stay fp32 under mixed precision. Under autocast the
@@ -233,29 +260,33 @@ class AdapterModule(nn.Module):
         (base + delta) applied to x scaled per input channel, so the hook scales
         x and no full-size weight is built. Module dropout is drawn here, where
         the base layer's input can still be left alone."""
-        self._dora_scaled = False
+        self._dora_scaled, self._dora_keep = False, True
         if not self._dora_active() or self.multiplier != 1:
             return None
-        if self.training and self.dropout.module and torch.rand(()) < self.dropout.module:
-            self._dora_dropped = True
+        keep = self._module_kept()
+        self._dora_keep = keep
+        if keep is False:
             return None
-        self._dora_dropped = False
         self._dora_scaled = True
         ratio = self._channel_view(self._dora_ratio(), args[0])
+        if keep is not True:  # compiled: a dropped module leaves x as it is
+            ratio = 1 + keep.to(ratio.device, ratio.dtype) * (ratio - 1)
         return (args[0] * ratio.to(args[0].dtype), *args[1:])
 
     def _add_dora(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if not self._dora_active() or self._dora_dropped:
-            self._dora_dropped = False
+        if not self._dora_active():
             return output
         x = args[0]
         if self._dora_scaled:  # x is already scaled and output = W0 x' + b
             self._dora_scaled = False
             delta = self.delta_forward(self._adapter_input(x), self.scale)
-            return output + delta.to(output.dtype)
-        if self.training and self.dropout.module and torch.rand(()) < self.dropout.module:
+            return output + self._masked(delta, self._dora_keep).to(output.dtype)
+        if self._dora_keep is False:  # dropped in the pre-hook
             return output
-        return output + self._blended_dora(x, output).to(output.dtype)
+        keep = self._module_kept()
+        if keep is False:
+            return output
+        return output + self._masked(self._blended_dora(x, output), keep).to(output.dtype)
 
     def _blended_dora(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """multiplier * (y_dora - y) for a multiplier other than 1 or the output axis."""

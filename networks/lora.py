@@ -114,7 +114,11 @@ class LoRAModule(AdapterModule):
 
     def _base_sq_norm(self, w: torch.Tensor, dim) -> torch.Tensor:
         """||W||^2 per channel, cached: the base weight is frozen (the cache
-        follows the tensor's version, so an in-place change refreshes it)."""
+        follows the tensor's version, so an in-place change refreshes it). A
+        compiled graph cannot compare data pointers: it recomputes it, one
+        reduction over W, small beside the layer's own matmul."""
+        if torch.compiler.is_compiling():
+            return w.float().pow(2).sum(dim)
         key = (w.data_ptr(), self.base.weight._version, self.dora_on_output)
         if getattr(self, "_base_sq_key", None) != key:
             self._base_sq = w.float().pow(2).sum(dim)

@@ -153,12 +153,12 @@ def scenario(page, url: str, tmp_path: Path) -> None:
 
     # 4. A short training: progress and a preview appear.
     page.get_by_text("Advanced: every setting").click()  # sample.steps is in there
-    for elem_id, value in (("cfg-train-steps", "8"), ("cfg-train-batch_size", "1"),
+    for elem_id, value in (("cfg-train-steps", "60"), ("cfg-train-batch_size", "1"),
                            ("cfg-sample-every_n_steps", "2"), ("cfg-sample-steps", "2")):
         box(page, elem_id).fill(value)
     page.click("#train-start")
     expect(status).to_contain_text("Job 1 started", timeout=MINUTE)
-    expect(page.locator("#train-progress")).to_contain_text("/ 8", timeout=3 * MINUTE)
+    expect(page.locator("#train-progress")).to_contain_text("/ 60", timeout=3 * MINUTE)
     expect(page.locator("#train-previews img").first).to_be_visible(timeout=3 * MINUTE)
     shot(page, "05-training")
 
@@ -170,10 +170,10 @@ def scenario(page, url: str, tmp_path: Path) -> None:
     page.click("#train-resume")
     expect(status).to_contain_text("Job 2 resumes", timeout=MINUTE)
     expect(job).to_contain_text("Finished", timeout=5 * MINUTE)
-    expect(page.locator("#train-progress")).to_contain_text("Step 8 / 8")
+    expect(page.locator("#train-progress")).to_contain_text("Step 60 / 60")
     shot(page, "07-finished")
     log = (tmp_path / "data" / "jobs" / "0002" / "log.txt").read_text()
-    assert "done: 8 steps" in log
+    assert "done: 60 steps" in log
 
     # 6. Export: the summary, and the file downloads.
     tab(page, "Export")
@@ -189,6 +189,6 @@ def scenario(page, url: str, tmp_path: Path) -> None:
     (length,) = struct.unpack("<Q", data[:8])
     metadata = json.loads(data[8 : 8 + length])["__metadata__"]
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
-    assert metadata["ss_steps"] == "8"
+    assert metadata["ss_steps"] == "60"
     shot(page, "08-export")
     assert "Traceback" not in page.content()

@@ -172,6 +172,12 @@ def test_how_a_child_ended_comes_from_its_status_json_not_its_output(tmp_path):
     final = tmp_path / "run.safetensors"
     run_lock.write_status(tmp_path, run_lock.DONE, 9, 9, files={"final": str(final)})
     assert child_outcome(job, 0, "") == (Status.DONE, done_message(9), str(final))
+    # Stop clicked as the run finished: the signal met a trainer on its way out.
+    stopping = dataclasses.replace(job, status=Status.STOPPING)
+    assert child_outcome(stopping, -15, "") == (Status.DONE, done_message(9), str(final))
+    run_lock.write_status(tmp_path, run_lock.STARTING, 0, 9)
+    assert child_outcome(stopping, -15, "")[1].startswith("Stopped while starting up")
+    run_lock.write_status(tmp_path, run_lock.DONE, 9, 9, files={"final": str(final)})
     # Written by another process (an earlier run in the folder): not this job's
     # word. A clean exit then means done only if the final adapter is there.
     other = dataclasses.replace(job, pid=me + 1)

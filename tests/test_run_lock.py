@@ -140,3 +140,23 @@ def test_status_is_replaced_whole_and_names_its_writer(tmp_path):
     me = Owner(os.getpid(), process_start_time(os.getpid()), socket.gethostname(), 0)
     assert (status["pid"], status["pid_start"], status["host"]) == (me.pid, me.start_time, me.host)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+
+
+def test_only_final_statuses_are_fsynced_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    write_status(tmp_path, "training", 3, 10)
+    assert synced == [] and read_status(tmp_path)["state"] == "training"
+    assert (tmp_path / "status.json").stat().st_mode & 0o777 == 0o644
+    write_status(tmp_path, "done", 10, 10)
+    assert len(synced) == 1 and read_status(tmp_path)["state"] == "done"
+
+    def refuse(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError):
+        write_status(tmp_path, "training", 4, 10)
+    assert read_status(tmp_path)["state"] == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]

@@ -197,6 +197,9 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
                                          "backward pass: less memory, slower steps.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel.")
+    compile: bool = Field(False, description="torch.compile the U-Net with its adapters: "
+                          "faster steps after a slow first step per bucket size (minutes on "
+                          "a CPU; cached for later runs). Off: no compile wait.")
     seed: int = Field(42, ge=0, description="Random seed for noise, shuffling and init.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise (e.g. 0.05-0.1) "
                                 "for darker/brighter images.")

@@ -18,7 +18,8 @@ from core.run_lock import DONE, FAILED, STARTING, STOPPED, TRAINING, RunLock, wr
 from trainer.state import latest_progress
 
 # status.json while training: often enough for a progress bar, rare enough
-# that its fsync costs nothing measurable.
+# that rewriting it costs nothing measurable (it is not fsynced while
+# training: core/run_lock.py write_status).
 STATUS_EVERY_S = 1.0
 
 

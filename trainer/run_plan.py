@@ -170,17 +170,22 @@ def _exported(config, network, report, total: int) -> dict:
 def _first_step(config, sd, network, data, device) -> dict:
     """The loss of step 1's first batch, through the trainer's own loss; the
     latents are encoded from its pixels, as a latent cache would hold them."""
+    from trainer.compile import step_unet
     from trainer.train import StepContext, step_generator, training_loss
 
     tb = next(iter(data.batches()))
     context = StepContext(device, config.train.mixed_precision)
+    context.unet = step_unet(config, sd.unet, network, data, log=False)
     network.train()
     sd.unet.train()
     generator = step_generator(config.train.seed, 0, 0)
     mine = slice(0, config.train.batch_size)
-    loss = training_loss(config, sd, network, tb, mine, generator,
-                         bool(network.text_encoder_adapters), context)
-    return {"loss": float(loss.detach())}
+    # A compiled step's loss is the eager one (tests/test_compile.py): the
+    # plan does not wait minutes for a compile to show it.
+    with torch.compiler.set_stance("force_eager"):
+        loss = training_loss(config, sd, network, tb, mine, generator,
+                             bool(network.text_encoder_adapters), context)
+    return {"loss": float(loss.detach()), "step_unet": type(context.step_unet(sd)).__name__}
 
 
 def _digest(tensors) -> str:

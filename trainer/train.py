@@ -1,25 +1,25 @@
 """`run(config)`: the training loop, top to bottom in named steps.
 
-Data parallel across processes (`accelerate launch`, `torchrun`): every
-process walks the same global batches and trains on its own slice; the loss
-of a slice is its share of the global mean, so summing the gradients across
-processes gives exactly the single-process gradient.
+Data parallel across processes (`accelerate launch`, `torchrun`): see
+trainer/processes.py. Step losses stay on the device between reads
+(trainer/loss_readout.py); `train.compile` compiles the step's U-Net
+(trainer/compile.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from core.errors import UserError
 from trainer import diffusion
 from trainer.lcm import EmaTarget
 from trainer.lcm_state import restore_weights, training_weights
+from trainer.loss_readout import READ_EVERY_S, LossReadout, checked, diverged
+from trainer.processes import stop_requested, sum_across, sync_gradients
 from trainer.run_guard import RunGuard, resume_point
 from trainer.state import SAVE_ADVICE, Progress, load_latest_state, restore_rng_states, save_state
 from trainer.stop_flag import StopFlag
@@ -39,10 +39,14 @@ def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunRes
     """Train; the guard holds the output folder (lock, status.json) however
     the run ends, and a signal ends the start-up at once or training at the
     next step boundary (trainer/stop_flag.py)."""
-    with StopFlag() as stop, RunGuard() as guard:
-        result = _run(config, resume, stop_at_step, stop, guard)
-        guard.ended(result.stopped_early, result.steps_done)
-        return result
+    threads = torch.get_num_threads()  # the run chooses its own (trainer/cpu_threads.py)
+    try:
+        with StopFlag() as stop, RunGuard() as guard:
+            result = _run(config, resume, stop_at_step, stop, guard)
+            guard.ended(result.stopped_early, result.steps_done)
+            return result
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: RunGuard
@@ -63,6 +67,11 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
         accelerator.num_processes,
         accelerator.process_index,
     )
+    from trainer.cpu_threads import choose_cpu_threads
+
+    threads_line = choose_cpu_threads(accelerator.device, processes=world)
+    if is_main:
+        print(threads_line, flush=True)
     outputs = RunOutputs(output_dir(config), config.output.name, config.output.keep_last_n)
 
     # 1. Refuse early: another trainer in the folder, unwritable output, a
@@ -121,6 +130,9 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
 
     # 5. Train.
     from datasets_tools.sampler import Position
+    from trainer.compile import step_unet
+
+    step_context.unet = step_unet(config, sd.unet, network, data, is_main)
 
     network.train()
     sd.unet.train()
@@ -129,9 +141,11 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
     losses: list[float] = []
     save_every = config.output.save_every_n_steps
     state_every = config.train.save_state_every_n_steps or save_every
-    step_started = time.perf_counter()
+    every = config.sample.every_n_steps
+    # Processes must read (and so stop on a bad loss) at the same steps: no clock.
+    readout = LossReadout(every_s=READ_EVERY_S if world == 1 else math.inf)
     batches = data.batches(start=Position(progress.epoch, progress.batch))
-    micro_losses: list[float] = []
+    micro_losses: list[torch.Tensor] = []
     stopped_early = False
     guard.training(progress.step, force=True)
     for micro_index, tb in enumerate(batches):
@@ -143,20 +157,15 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
             config, sd, network, tb, mine, generator, train_text_encoder, step_context
         )
         step_context.scaler.scale(loss_sum / (global_count * config.train.grad_accum)).backward()
-        micro_losses.append(float(loss_sum.detach()) / global_count)
+        micro_losses.append(loss_sum.detach() / global_count)
         if (micro_index + 1) % config.train.grad_accum:
             continue
 
-        # One optimizer step: sum the slices' gradients, clip, step.
+        # One optimizer step: sum the slices' gradients, clip, step. The loss
+        # stays on the device until the readout reads it (trainer/loss_readout.py).
         sync_gradients(network, world)
-        loss = sum_across(sum(micro_losses) / len(micro_losses), world, accelerator.device)
+        loss = sum_across(torch.stack(micro_losses).mean(), world)
         micro_losses = []
-        if not math.isfinite(loss):
-            raise UserError(
-                f"The loss became {loss} at step {step + 1}: training diverged. The files saved "
-                f"so far in {outputs.folder} are kept. Lower train.unet_lr / "
-                'train.text_encoder_lr, or use mixed_precision = "bf16" instead of "fp16".'
-            )
         step_context.scaler.unscale_(optimizer)
         if config.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(network.parameters(), config.train.max_grad_norm)
@@ -168,30 +177,33 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
             step_context.lcm_target.update()
         next_position = tb.batch.next_position
         progress = Progress(step=step + 1, epoch=next_position.epoch, batch=next_position.batch)
-        losses.append(loss)
-
-        # Logging, previews and saving (main process).
-        elapsed = time.perf_counter() - step_started
-        step_started = time.perf_counter()
+        readout.add(progress.step, loss, scheduler.get_last_lr()[0], progress.epoch)
         if is_main:
-            lr = scheduler.get_last_lr()[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            eta = elapsed * (total_steps - progress.step)
-            outputs.log(progress.step, loss=loss, lr=lr, it_s=1 / elapsed, eta_s=eta,
-                        epoch=progress.epoch)  # fmt: skip
+
+        # Reading the losses, previews and saving (main process). Every write
+        # comes after a read: nothing is saved from past a non-finite loss.
         stop_now = stop_requested(stop, world, accelerator.device) or progress.step == stop_at_step
         finished = progress.step >= total_steps
-        every = config.sample.every_n_steps
-        if is_main and config.sample.prompts and every and (progress.step % every == 0 or finished):
-            write_previews(config, sd, network, outputs, progress.step)
-        if is_main and save_every and progress.step % save_every == 0 and not finished:
-            export(config, network, outputs, outputs.periodic_file(progress.step), report, progress)
-            outputs.remember_periodic(outputs.periodic_file(progress.step))
+        previews_due = bool(config.sample.prompts and every) and (
+            progress.step % every == 0 or finished)
+        export_due = bool(save_every) and progress.step % save_every == 0 and not finished
         # A finished run's state is saved after its final file: a state at the
         # last step says the run is done, and --resume then refuses.
         periodic_state = bool(state_every) and progress.step % state_every == 0
         state_due = not finished and (stop_now or periodic_state)
+        if readout.due() or finished or stop_now or previews_due or export_due or state_due:
+            records, bad = checked(readout.read())
+            losses += [r.loss for r in records]
+            if is_main:
+                log_steps(outputs, bar, records, total_steps)
+            if bad is not None:
+                raise diverged(bad, outputs.folder)
+        if is_main and previews_due:
+            write_previews(config, sd, network, outputs, progress.step)
+        if is_main and export_due:
+            export(config, network, outputs, outputs.periodic_file(progress.step), report, progress)
+            outputs.remember_periodic(outputs.periodic_file(progress.step))
         if is_main and state_due:
             weights = training_weights(network, step_context.lcm_target)
             save_state(outputs.state_root, progress, weights, optimizer, scheduler)
@@ -229,6 +241,7 @@ class StepContext:
     mixed_precision: str
     text_cache: object = None  # TextEmbeddingCache while the text encoder is frozen
     lcm_target: object = None  # trainer.lcm.EmaTarget when lcm.target_ema is set
+    unet: object = None  # the U-Net the step calls (compiled with train.compile); None: sd.unet
 
     def __post_init__(self):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.mixed_precision == "fp16")
@@ -238,6 +251,9 @@ class StepContext:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def step_unet(self, sd):
+        return sd.unet if self.unet is None else self.unet
 
 
 def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, ctx):
@@ -261,7 +277,8 @@ def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, 
     target = diffusion.compute_target(scheduler, latents, noise, timesteps)
     with ctx.autocast():
         text = caption_embeddings(config, sd, captions, train_text_encoder, ctx)
-        prediction = sd.unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
+        unet = ctx.step_unet(sd)
+        prediction = unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
     per_sample = diffusion.per_sample_mse(prediction, target)
     return (per_sample * weights[mine].to(device)).sum()
 
@@ -277,7 +294,7 @@ def lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx):
     uncond = caption_embeddings(config, sd, [""], False, ctx)
     latents = latents_of(sd, tb)[mine].to(ctx.device)
     loss = lcm.distillation_loss(
-        sd.unet, network, latents, text.to(sd.unet.dtype), uncond.to(sd.unet.dtype),
+        ctx.step_unet(sd), network, latents, text.to(sd.unet.dtype), uncond.to(sd.unet.dtype),
         sd.noise_scheduler, generator, config.lcm.w_min, config.lcm.w_max, config.lcm.loss,
         config.lcm.huber_c, autocast=ctx.autocast,
         num_ddim=config.lcm.num_ddim_timesteps,
@@ -319,31 +336,12 @@ def latents_of(sd, tb) -> torch.Tensor:
     return latents.float().cpu()
 
 
-def sync_gradients(network, world: int) -> None:
-    if world == 1:
-        return
-    params = [p for p in network.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for param in params:
-        n = param.numel()
-        param.grad = flat[offset : offset + n].view_as(param).clone()
-        offset += n
-
-
-def sum_across(value: float, world: int, device) -> float:
-    if world == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return float(tensor)
-
-
-def stop_requested(stop: StopFlag, world: int, device) -> bool:
-    """Every process stops at the same step, even if only one got the signal."""
-    return sum_across(float(stop.requested), world, device) > 0
+def log_steps(outputs, bar, records, total_steps: int) -> None:
+    for record in records:
+        outputs.log(record.step, loss=record.loss, lr=record.lr, it_s=1 / max(record.seconds, 1e-9),
+                    eta_s=record.seconds * (total_steps - record.step), epoch=record.epoch)
+    if records:
+        bar.set_postfix(loss=f"{records[-1].loss:.4f}", lr=f"{records[-1].lr:.2e}")
 
 
 def write_previews(config, sd, network, outputs, step: int) -> None:
