@@ -22,10 +22,9 @@ Goals: ours <= 0.8x the reference's whole-job time, quiet and loaded,
 and no step above 3x its run's median.
 
 `--ours-env NAME=VALUE` sets a variable for our runs only (e.g.
-OMP_NUM_THREADS=1, what trainer/cpu_threads.py picks on 2 cores, for a
-trainer that does not apply that rule yet). `--thread-sweep` runs ours only,
-with OMP_NUM_THREADS=1 against OMP_NUM_THREADS=<cores>, to measure the thread
-rule of trainer/cpu_threads.py.
+OMP_NUM_THREADS=2, to override the count trainer/cpu_threads.py picks).
+`--thread-sweep` runs ours only, with OMP_NUM_THREADS=1 against
+OMP_NUM_THREADS=<cores>, to measure the thread rule of trainer/cpu_threads.py.
 
     python bench/e2e_small.py [--pairs 3] [--steps 50] [--thread-sweep]
 """

@@ -28,7 +28,7 @@ WEIGHT_TOLERANCE = dict(rtol=1e-3, atol=1e-6)
 
 
 @pytest.fixture
-def test_backend(monkeypatch):
+def aot_eager_backend(monkeypatch):
     monkeypatch.setattr(compile_module, "BACKEND", "aot_eager")
     torch._dynamo.reset()
     yield
@@ -36,7 +36,7 @@ def test_backend(monkeypatch):
 
 
 def test_compiled_training_resumed_midway_follows_the_eager_run(
-    demo_model_dir, four_images, tmp_path, test_backend, capsys  # noqa: F811
+    demo_model_dir, four_images, tmp_path, aot_eager_backend, capsys  # noqa: F811
 ):
     # One bucket here (each shape costs a compile); the shapes test below
     # changes them under compile.
