@@ -38,8 +38,12 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -q && apt-get install -y -q chromium
 
+# One worker per core, whole test files per worker (their module fixtures are
+# built once); the suite is mostly single-threaded subprocesses and waits.
+PYTEST_WORKERS ?= auto
+
 test: $(DEV_STAMP) $(CHROMIUM)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
@@ -54,3 +58,6 @@ bench: $(DEV_STAMP)
 	$(PY) -m bench.gui_startup
 	$(PY) bench/e2e_small.py
 	$(PY) -m bench.compile_cost
+	$(PY) -m bench.base_precision
+	$(PY) -m bench.memory_estimate
+	$(PY) -m bench.masked_loss

@@ -213,8 +213,9 @@ def _held_elsewhere(owner: Owner) -> bool:
 
 
 def write_status(folder: Path, state: str, step: int, total: int, error: str = "",
-                 files: dict[str, str] | None = None) -> None:
+                 files: dict[str, str] | None = None, extra: dict | None = None) -> None:
     """Replace status.json (atomically: a reader never sees half of it).
+    `extra`: more fields, such as "oom_retries" (trainer/oom_retry.py).
 
     Only a final state is fsynced. The others are rewritten every second
     from inside the training loop, where an fsync on a disk busy with other
@@ -225,6 +226,7 @@ def write_status(folder: Path, state: str, step: int, total: int, error: str = "
     record = {"state": state, "step": step, "total": total, "pid": owner.pid,
               "pid_start": owner.start_time, "host": owner.host, "error": error,
               "files": files or {}, "updated_at": time.time()}
+    record.update({k: v for k, v in (extra or {}).items() if k not in record})
     text = json.dumps(record, indent=1) + "\n"
     path = Path(folder) / STATUS_NAME
     if state in FINAL_STATES:

@@ -1,7 +1,9 @@
 """`python -m datasets_tools check DIR [--json]`: the dataset report on the command line.
 
-Exit status: 0 trainable (warnings allowed), 1 not trainable, 2 invalid options
-or a folder that is not a dataset (a system folder, or past the scan limits).
+Exit status: 0 trainable (warnings and skipped files allowed: the report lists
+"N files skipped" and why), 1 not trainable (no usable image, or with --strict
+any skipped file), 2 invalid options or a folder that is not a dataset (a
+system folder, or past the scan limits).
 No traceback reaches the user: bad content becomes report lines, bad options a
 one-line message.
 """
@@ -36,8 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-upscale", action="store_true",
                        help="give small images a bucket of their own size instead of enlarging")
     check.add_argument("--caption-extension", default=".txt")
+    check.add_argument("--strict", action="store_true",
+                       help="not trainable if any file would be skipped (dataset.strict)")
     check.add_argument("--repeats", type=int, default=1,
                        help='repeats of images outside kohya "N_name" folders (dataset.repeats)')
+    check.add_argument("--masked-loss", action="store_true",
+                       help="also check each image's loss mask (dataset.masked_loss)")
+    check.add_argument("--mask-path", default=None,
+                       help="folder of masks named like the images (dataset.mask_path); "
+                            "without it masks come from the alpha channel")
     defaults = ScanLimits()
     check.add_argument("--max-depth", type=int, default=defaults.max_depth,
                        help="subfolder levels searched below DIR")
@@ -58,7 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits = ScanLimits(args.max_depth, args.max_entries, args.max_seconds)
         report = check_dataset(args.directory, config, caption_extension=args.caption_extension,
                                progress=not args.json and sys.stderr.isatty(), limits=limits,
-                               repeats=args.repeats)
+                               repeats=args.repeats, strict=args.strict,
+                               masked_loss=args.masked_loss or args.mask_path is not None,
+                               mask_dir=args.mask_path)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

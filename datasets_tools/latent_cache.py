@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -28,6 +27,7 @@ from core.errors import UserError
 from core.hashing import file_sha256
 
 from .formats import ImageDecodeError
+from .masks import MASK_VERSION, to_grid, with_file_mask
 from .store import TensorStore
 from .transform import CropSpec, PreparedImage, crop_pixels, to_prepared
 
@@ -43,7 +43,8 @@ class LatentRequest:
     path: Path
     crop: CropSpec
     flip: bool = False  # also cache the latent of the mirrored crop
-    mask: bool = False  # also cache the alpha mask at latent resolution (masked loss)
+    mask: bool = False  # also cache the loss mask at latent resolution (masked loss)
+    mask_file: Path | None = None  # the mask's file; None: the image's alpha channel
 
 
 @dataclass
@@ -92,6 +93,11 @@ class LatentCache:
     def key(self, request: LatentRequest) -> str:
         parts = (PIPELINE_VERSION, self._content_digest(request.path), request.crop.key(),
                  self.vae_id, str(self._dtype))
+        if request.mask:
+            # A masked entry is its own entry: a mask file that changes, or the alpha
+            # replacing a file, never reuses a mask cached for the other.
+            source = self._content_digest(request.mask_file) if request.mask_file else "alpha"
+            parts += (MASK_VERSION, source)
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
     def get(self, request: LatentRequest) -> LatentEntry:
@@ -99,7 +105,7 @@ class LatentCache:
         key = self.key(request)
         entry = self._load(key, request)
         if entry is None:
-            prepared = to_prepared(*_crop(request), request.mask)
+            prepared = _prepared(_crop(request), request)
             entry = self._encode_batch([(key, request)], [prepared])[0]
         return entry
 
@@ -122,7 +128,7 @@ class LatentCache:
                 with closing(_prefetch(_crop, [request for _, request in group])) as images:
                     for start in range(0, len(group), batch_size):
                         batch = group[start:start + batch_size]
-                        prepared = [to_prepared(*next(images), r.mask) for _, r in batch]
+                        prepared = [_prepared(next(images), r) for _, r in batch]
                         self._encode_batch(batch, prepared)
                         bar.update(len(batch))
         return CacheStats(self.stats.encoded - before.encoded, self.stats.reused - before.reused,
@@ -160,8 +166,7 @@ class LatentCache:
             if request.flip:
                 entry.flipped = next(flipped_iter).clone()
             if request.mask and p.mask is not None:
-                entry.mask = F.interpolate(p.mask[None], size=entry.latent.shape[-2:],
-                                           mode="area")[0]
+                entry.mask = to_grid(p.mask, tuple(entry.latent.shape[-2:]))
             tensors = {name: t for name, t in (("latent", entry.latent), ("flipped", entry.flipped),
                                                ("mask", entry.mask)) if t is not None}
             self.store.save(key, tensors, {"source": request.path.name, "vae_id": self.vae_id})
@@ -187,6 +192,12 @@ def _crop(request: LatentRequest) -> tuple[Image.Image, CropSpec]:
         raise UserError(
             f"{request.path}: {exc.reason}. Run `python -m datasets_tools check` on the dataset."
         ) from exc
+
+
+def _prepared(cropped: tuple[Image.Image, CropSpec], request: LatentRequest) -> PreparedImage:
+    # The cache keeps the unmirrored mask; `LatentEntry.pick` mirrors it with the latent.
+    mask_file = request.mask_file if request.mask else None
+    return with_file_mask(to_prepared(*cropped, request.mask), mask_file, flip=False)
 
 
 def _prefetch(fn: Callable[[T], R], items: list[T], ahead: int = 2) -> Iterator[R]:

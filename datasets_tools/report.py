@@ -1,9 +1,12 @@
 """Problems found in a dataset and the report that lists them.
 
-Severity has one meaning everywhere: an *error* must be fixed before training
-(we never drop a file the user put in the folder without saying so, and we never
-train around it); a *warning* leaves the dataset trainable but the result may
-not be what the user expects.
+Severity has one meaning everywhere: an *error* is about the dataset as a
+whole (no folder, no usable image) and must be fixed before training; a file
+that cannot be used (corrupt, unsupported, too small, an unreadable caption) is
+*skipped*: training goes on without it and every report lists it, so no file
+the user put in the folder is dropped silently (with `strict`, any skipped file
+makes the dataset untrainable); a *warning* leaves the dataset trainable but
+the result may not be what the user expects.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ DATASET_PATH = "."  # `Problem.path` of problems about the dataset as a whole
 
 class Severity(StrEnum):
     ERROR = "error"
+    SKIPPED = "skipped"
     WARNING = "warning"
+
+
+_RANK = {Severity.ERROR: 0, Severity.SKIPPED: 1, Severity.WARNING: 2}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,10 @@ def error(code: str, path: str, reason: str) -> Problem:
     return Problem(Severity.ERROR, path, reason, code)
 
 
+def skipped(code: str, path: str, reason: str) -> Problem:
+    return Problem(Severity.SKIPPED, path, reason, code)
+
+
 def warning(code: str, path: str, reason: str) -> Problem:
     return Problem(Severity.WARNING, path, reason, code)
 
@@ -65,11 +76,15 @@ def printable(text: str) -> str:
 
 
 def sort_problems(problems: list[Problem]) -> list[Problem]:
-    """Dataset-level lines first, then by path; errors before warnings on a path."""
+    """Dataset-level lines first, then by path; errors, skips, warnings on a path."""
     return sorted(
         problems,
-        key=lambda p: (p.path != DATASET_PATH, p.path, p.severity != Severity.ERROR, p.reason),
+        key=lambda p: (p.path != DATASET_PATH, p.path, _RANK[p.severity], p.reason),
     )
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 @dataclass
@@ -81,10 +96,16 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     items: list[ImageItem] = field(default_factory=list)  # usable images only
     buckets: BucketReport | None = None
+    strict: bool = False  # a skipped file makes the dataset untrainable
 
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.severity is Severity.ERROR]
+
+    @property
+    def skipped(self) -> list[Problem]:
+        """The files training leaves out, each with why."""
+        return [p for p in self.problems if p.severity is Severity.SKIPPED]
 
     @property
     def warnings(self) -> list[Problem]:
@@ -92,7 +113,7 @@ class Report:
 
     @property
     def trainable(self) -> bool:
-        return not self.errors and bool(self.items)
+        return not self.errors and bool(self.items) and not (self.strict and self.skipped)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -103,22 +124,39 @@ class Report:
         if not self.trainable:
             raise UserError(self.format_text())
 
+    def skipped_text(self) -> str:
+        """'N files skipped' and one indented line per file with why; '' for none."""
+        if not self.skipped:
+            return ""
+        lines = [f"{_count(len(self.skipped), 'file')} skipped (not trained on):"]
+        lines += [f"  {printable(p.path)}: {printable(p.reason)}" for p in self.skipped]
+        return "\n".join(lines)
+
     def summary_line(self) -> str:
-        n_err, n_warn = len(self.errors), len(self.warnings)
+        n_err, n_skip, n_warn = len(self.errors), len(self.skipped), len(self.warnings)
+        warnings = _count(n_warn, "warning")
         if self.trainable:
+            skips = f", {_count(n_skip, 'file')} skipped" if n_skip else ""
             return (
                 f"Trainable: {len(self.items)} images, {self.samples_per_epoch} samples per "
-                f"epoch with repeats, {n_warn} warning{'s' if n_warn != 1 else ''}."
+                f"epoch with repeats{skips}, {warnings}."
+            )
+        if not n_err:  # only strict refuses a dataset without errors
+            return (
+                f"Not trainable with strict checking (--strict, dataset.strict = true): "
+                f"{_count(n_skip, 'file')} would be skipped (listed above). Fix or remove them, "
+                "or check without strict to train on the rest."
             )
         return (
-            f"Not trainable: {n_err} error{'s' if n_err != 1 else ''}, "
-            f"{n_warn} warning{'s' if n_warn != 1 else ''}. "
+            f"Not trainable: {_count(n_err, 'error')}, {warnings}. "
             "Fix the errors above and run the check again."
         )
 
     def format_text(self) -> str:
         lines = [f"Dataset {printable(self.root)} (resolution {self.resolution})"]
-        lines += [p.format_line() for p in self.problems]
+        lines += [p.format_line() for p in self.problems if p.severity is not Severity.SKIPPED]
+        if self.skipped:
+            lines.append(self.skipped_text())
         if self.buckets is not None and self.items:
             lines.append(self.buckets.format_text())
         lines.append(self.summary_line())
@@ -129,9 +167,11 @@ class Report:
             "root": self.root,
             "resolution": self.resolution,
             "trainable": self.trainable,
+            "strict": self.strict,
             "images": len(self.items),
             "samples_per_epoch": self.samples_per_epoch,
             "errors": len(self.errors),
+            "skipped": len(self.skipped),
             "warnings": len(self.warnings),
             "problems": [p.to_dict() for p in self.problems],
             "buckets": self.buckets.to_dict() if self.buckets is not None else None,

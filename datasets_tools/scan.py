@@ -21,7 +21,7 @@ from .formats import (
     ImageDecodeError,
     read_header,
 )
-from .report import DATASET_PATH, Problem, error, warning
+from .report import DATASET_PATH, Problem, error, skipped, warning
 from .scan_limits import ScanBudget, ScanLimits, ScanStopped, refuse_system_folder
 
 __all__ = ["FolderInfo", "ImageItem", "ScanLimits", "ScanResult", "ScanStopped",
@@ -36,6 +36,9 @@ _SILENTLY_IGNORED = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 # trigger words), so an extension that other programs execute or load would
 # turn a caption edit into a file they trust.
 _CAPTION_EXTENSION = re.compile(r"\.[a-z0-9][a-z0-9_]{0,15}")
+# Codes of images skipped because of their caption file (the GUI's caption
+# tools refuse to edit around those).
+CAPTION_PROBLEMS = frozenset({"caption_unreadable", "caption_not_utf8"})
 _NOT_CAPTION_EXTENSIONS = frozenset({
     ".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".gguf", ".pkl", ".pickle",
     ".npy", ".npz", ".h5", ".msgpack", ".py", ".pyc", ".pyw", ".sh", ".bash", ".zsh", ".fish",
@@ -73,11 +76,15 @@ class ScanResult:
     items: list[ImageItem] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     folders: list[FolderInfo] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)  # image files that cannot be used
+    rejected: list[str] = field(default_factory=list)  # image files skipped
     skipped_folders: set[str] = field(default_factory=set)  # "0_name": deliberately unused
 
     def error(self, code: str, path: str, reason: str) -> None:
         self.problems.append(error(code, path, reason))
+
+    def skip(self, code: str, path: str, reason: str) -> None:
+        """`path` (an image, or a folder) is left out of training, for `reason`."""
+        self.problems.append(skipped(code, path, reason))
 
     def warning(self, code: str, path: str, reason: str) -> None:
         self.problems.append(warning(code, path, reason))
@@ -169,7 +176,9 @@ def _scan_folder(
     try:
         entries = sorted(_visible_entries(folder, budget), key=lambda e: e.name)
     except OSError as exc:
-        result.error("unreadable", label, f"folder cannot be read ({exc.strerror})")
+        # The root is the whole dataset; a subfolder is skipped like a file.
+        report = result.skip if rel else result.error
+        report("unreadable", label, f"folder cannot be read ({exc.strerror})")
         return
     result.folders.append(FolderInfo(label, len(entries)))
     if not entries:
@@ -274,26 +283,31 @@ def _scan_image(
     result: ScanResult,
 ) -> ImageItem | None:
     if ext in UNSUPPORTED_EXTENSIONS:
-        result.error("unsupported_format", file_rel,
-                     f"unsupported format {ext} (use {SUPPORTED_LIST})")
+        result.skip("unsupported_format", file_rel,
+                    f"unsupported format {ext} (use {SUPPORTED_LIST})")
         return None
     try:
         size = path.stat().st_size
     except OSError as exc:
-        result.error("unreadable", file_rel, f"cannot be read ({exc.strerror})")
+        result.skip("unreadable", file_rel, f"cannot be read ({exc.strerror})")
         return None
     if size == 0:
-        result.error("zero_bytes", file_rel, "empty file (0 bytes)")
+        result.skip("zero_bytes", file_rel, "empty file (0 bytes)")
         return None
     try:
         header = read_header(path)
     except ImageDecodeError as exc:
-        result.error(exc.code, file_rel, exc.reason)
+        result.skip(exc.code, file_rel, exc.reason)
         return None
     caption, caption_path = context.class_token, None
     if caption_entry is not None:
         cap_rel = f"{rel}/{caption_entry.name}" if rel else caption_entry.name
-        text = _read_caption(Path(caption_entry.path), cap_rel, context, result)
+        try:
+            text = _read_caption(Path(caption_entry.path), cap_rel, context, result)
+        except ImageDecodeError as exc:
+            # Training it under the class token would teach the wrong words.
+            result.skip(exc.code, file_rel, f"its caption {caption_entry.name} {exc.reason}")
+            return None
         if text is not None:
             caption, caption_path = text, Path(caption_entry.path)
     return ImageItem(path=path, rel_path=file_rel, width=header.width, height=header.height,
@@ -303,20 +317,19 @@ def _scan_image(
 
 
 def _read_caption(path: Path, cap_rel: str, context: _Context, result: ScanResult) -> str | None:
-    """First non-empty line of a caption file, or None (with the problem recorded)."""
+    """First non-empty line of a caption file, or None for an empty one (with a
+    warning recorded). Raises ImageDecodeError when it cannot be read as text."""
     fallback = f'the class token "{context.class_token}" is used'
     try:
         data = path.read_bytes()
     except OSError as exc:
-        result.error("unreadable", cap_rel, f"caption cannot be read ({exc.strerror})")
-        return None
+        raise ImageDecodeError("caption_unreadable", f"cannot be read ({exc.strerror})") from exc
     try:
         text = data.decode("utf-8-sig")  # Windows editors often add a BOM
     except UnicodeDecodeError as exc:
-        result.error("caption_not_utf8", cap_rel,
-                     f"caption is not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
-                     f"{exc.start}); save it as UTF-8")
-        return None
+        raise ImageDecodeError(
+            "caption_not_utf8", f"is not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8") from exc
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         result.warning("empty_caption", cap_rel, f"caption file is empty; {fallback}")

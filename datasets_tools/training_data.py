@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from .captions import CaptionOptions, CaptionProcessor
 from .crop import CropSpec, compute_crop
 from .formats import ImageDecodeError
 from .latent_cache import CacheStats, LatentCache, LatentRequest
+from .masks import mask_file, with_file_mask
 from .sampler import Batch, BucketBatchSampler, Position, sample_rng
 from .scan import ImageItem
 from .transform import PreparedImage, prepare_image
@@ -30,7 +32,8 @@ class DataOptions:
     buckets: BucketConfig = field(default_factory=BucketConfig)
     crop: str = "center"  # or "random" (not with cached latents: a latent fixes its crop)
     flip: bool = False  # random horizontal mirroring, 50% per sample
-    keep_alpha: bool = False  # masked loss: return the alpha channel as a mask
+    keep_alpha: bool = False  # masked loss: return each image's loss mask (datasets_tools.masks)
+    mask_dir: Path | None = None  # masked loss: mask files by image name; else the alpha channel
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     batch_size: int = 1
     seed: int = 0
@@ -48,7 +51,7 @@ class TrainingBatch:
     captions: list[str]
     latents: torch.Tensor | None  # B x 4 x H/8 x W/8, scaled, when a latent cache is used
     pixels: torch.Tensor | None  # B x 3 x H x W in [-1, 1] otherwise
-    masks: torch.Tensor | None  # B x 1 x (latent or pixel size) with keep_alpha
+    masks: torch.Tensor | None  # B x 1 x (latent or pixel size) with keep_alpha, in [0, 1]
 
 
 class TrainingData:
@@ -68,6 +71,8 @@ class TrainingData:
             )
         self.latent_cache = latent_cache
         self.captions = CaptionProcessor(self.options.captions)
+        self.mask_files = [mask_file(i.rel_path, self.options.mask_dir) if self.options.keep_alpha
+                           else None for i in self.items]
         all_buckets = make_buckets(self.options.buckets)
         self.buckets: list[Size] = [
             assign_bucket((i.width, i.height), self.options.buckets, all_buckets)
@@ -84,11 +89,7 @@ class TrainingData:
 
     def latent_requests(self) -> list[LatentRequest]:
         """One request per image (center crop), flip and mask variants as configured."""
-        return [
-            LatentRequest(item.path, self._center_crop(index), flip=self.options.flip,
-                          mask=self.options.keep_alpha)
-            for index, item in enumerate(self.items)
-        ]
+        return self._requests(range(len(self.items)))
 
     def cache_latents(self, batch_size: int = 1) -> CacheStats:
         if self.latent_cache is None:
@@ -124,7 +125,8 @@ class TrainingData:
 
     def _requests(self, indices: Sequence[int]) -> list[LatentRequest]:
         return [LatentRequest(self.items[i].path, self._center_crop(i), flip=self.options.flip,
-                              mask=self.options.keep_alpha) for i in indices]
+                              mask=self.options.keep_alpha, mask_file=self.mask_files[i])
+                for i in indices]
 
     def _size(self, index: int) -> Size:
         return (self.items[index].width, self.items[index].height)
@@ -135,9 +137,11 @@ class TrainingData:
     def _prepare(self, index: int, crop: CropSpec, flip: bool) -> PreparedImage:
         item = self.items[index]
         try:
-            return prepare_image(item.path, crop, flip=flip, keep_alpha=self.options.keep_alpha)
+            prepared = prepare_image(item.path, crop, flip=flip,
+                                     keep_alpha=self.options.keep_alpha)
         except ImageDecodeError as exc:  # changed on disk after the check
             raise UserError(f"{item.path}: {exc.reason}. Run the dataset check again.") from exc
+        return with_file_mask(prepared, self.mask_files[index], flip)
 
     def _stack_masks(self, masks: list[torch.Tensor | None]) -> torch.Tensor | None:
         if not self.options.keep_alpha or any(m is None for m in masks):

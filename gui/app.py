@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gui import dataset_tab, export_tab, preview_tab, train_tab
+from gui import dataset_tab, export_tab, exports, preview_tab, train_tab
 from gui.datadir import DataDirs
 from gui.form import SPECS, make_component
 from gui.handlers import Context
@@ -27,10 +27,14 @@ def build_ui(dirs: DataDirs, runner: JobRunner):
     form["output.dir"].value = str(dirs.outputs / "{name}")
     with gr.Blocks(title="LoRA trainer") as ui:
         gr.Markdown(INTRO)
-        with gr.Column(visible=True, elem_id="welcome") as welcome:
-            gr.Markdown(WELCOME)
-            demo_button = gr.Button("Load the demo settings", variant="primary",
-                                    elem_id="load-demo")
+        # Two boxes: the Train tab shows the inner one while no base model is
+        # set; the outer one hides both for good once any run exists, so the
+        # newcomer's box never comes back on a reload or a cleared model path.
+        with gr.Column(visible=True, elem_id="welcome-frame") as frame:
+            with gr.Column(visible=True, elem_id="welcome") as welcome:
+                gr.Markdown(WELCOME)
+                demo_button = gr.Button("Load the demo settings", variant="primary",
+                                        elem_id="load-demo")
         with gr.Tabs(selected="dataset") as tabs:
             ctx = Context(dirs=dirs, runner=runner, form=form, tabs=tabs)
             with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
@@ -41,4 +45,10 @@ def build_ui(dirs: DataDirs, runner: JobRunner):
                 preview_tab.build(ctx, preview)
             with gr.Tab("Export", id="export", elem_id="tab-export") as export:
                 export_tab.build(ctx, export)
+
+        def newcomer() -> dict:
+            return {frame: gr.Column(visible=not exports.any_run(dirs, runner))}
+
+        ui.load(newcomer, None, frame, api_name="newcomer")
+        form["model.path"].change(newcomer, None, frame, api_visibility="private")
     return ui

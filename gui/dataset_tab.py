@@ -12,10 +12,10 @@ from gui.datadir import safe_name
 from gui.handlers import Context, reports_to
 
 # The [dataset] settings the check shares with training: the bucket ones in
-# `datasets.check`'s argument order, then dataset.repeats.
+# `datasets.check`'s argument order, then dataset.repeats and dataset.strict.
 CHECK_KEYS = ("dataset.resolution", "dataset.buckets", "dataset.min_bucket",
               "dataset.max_bucket", "dataset.bucket_step", "dataset.no_upscale",
-              "dataset.repeats")
+              "dataset.repeats", "dataset.strict")
 
 
 def build(ctx: Context) -> None:
@@ -130,10 +130,10 @@ def build(ctx: Context) -> None:
         if any(value is None for value in settings):
             raise UserError("A [dataset] number in the Train tab's Advanced settings is empty "
                             f"({', '.join(CHECK_KEYS)}); the check uses them, as training does.")
-        *bucket_settings, repeats = settings
+        *bucket_settings, repeats, strict = settings
         with cancels.running() as cancel:
             result = datasets.check(str(path), *bucket_settings, ext, cancel=cancel,
-                                    repeats=int(repeats))
+                                    repeats=int(repeats), strict=bool(strict))
             if result.report is None:
                 raise UserError(result.message)
             tags = datasets.tag_counts(datasets.list_images(path, ext, cancel))

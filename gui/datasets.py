@@ -21,7 +21,7 @@ from core.atomic import atomic_write_text
 from core.errors import UserError
 from datasets_tools.captions import split_tags
 from datasets_tools.formats import DECODE_ERRORS
-from datasets_tools.scan import ImageItem, scan_dataset
+from datasets_tools.scan import CAPTION_PROBLEMS, ImageItem, scan_dataset
 from gui import paths
 from gui.cli_runs import explain_failure, python_module, run_cli
 
@@ -124,11 +124,13 @@ def _captioned(folder: Path, caption_extension: str,
     """The images to edit, once every caption file is known to be editable:
     a tool over all captions either changes them all or none."""
     paths.caption_extension(caption_extension)
-    items = list_images(folder, caption_extension, cancel)
+    scan = scan_dataset(folder, caption_extension, cancel=cancel)
     root = folder.resolve()
-    for item in items:
-        paths.caption_file(root, image_in(root, item.rel_path), caption_extension)
-    return items
+    # Images skipped for their caption file count too: that file is refused by name.
+    unreadable = [p.path for p in scan.problems if p.code in CAPTION_PROBLEMS]
+    for rel in [item.rel_path for item in scan.items] + unreadable:
+        paths.caption_file(root, image_in(root, rel), caption_extension)
+    return scan.items
 
 
 def tag_counts(items: list[ImageItem]) -> Counter[str]:
@@ -168,12 +170,15 @@ class CheckResult:
 
 def check(folder: str, resolution: int, buckets: bool, min_bucket: int, max_bucket: int,
           bucket_step: int, no_upscale: bool, caption_extension: str,
-          cancel: threading.Event | None = None, *, repeats: int = 1) -> CheckResult:
-    """`repeats`: dataset.repeats, so that the report counts the samples training will see."""
+          cancel: threading.Event | None = None, *, repeats: int = 1,
+          strict: bool = False) -> CheckResult:
+    """`repeats`: dataset.repeats, so that the report counts the samples training will see;
+    `strict`: dataset.strict, so that the verdict is the trainer's."""
     args = ["check", folder, "--json", "--resolution", str(resolution), "--bucket-step",
             str(bucket_step), "--min-bucket", str(min_bucket), "--max-bucket", str(max_bucket),
             "--caption-extension", caption_extension, "--repeats", str(repeats)]
     args += ([] if buckets else ["--no-buckets"]) + (["--no-upscale"] if no_upscale else [])
+    args += ["--strict"] if strict else []
     result = run_cli(python_module("datasets_tools", *args), "The dataset check", timeout=1800,
                      cancel=cancel)
     if result.returncode not in (0, 1):

@@ -32,10 +32,12 @@ def build(ctx: Context, tab) -> None:
         copy = gr.Button("Copy", scale=1, elem_id="export-copy")
 
     @reports_to(status)
-    def on_refresh():
+    def on_refresh(current: str | None = None):
         found = choices()
-        return {file: gr.Dropdown(choices=found),
-                status: views.ok(f"{len(found)} adapter files.") if found else
+        # A value set here fires file.change, which shows that file's summary.
+        chosen = exports.chosen_after_refresh([value for _, value in found], current)
+        return {file: gr.Dropdown(choices=found, value=chosen),
+                status: views.ok(exports.files_found(len(found))) if found else
                 "No adapter files yet: train one in the Train tab."}
 
     @reports_to(status)
@@ -66,8 +68,8 @@ def build(ctx: Context, tab) -> None:
         copied = exports.copy_to_folder(path or "", target, replace)
         return {status: views.ok(f"Copied to {copied}.")}
 
-    refresh.click(on_refresh, None, [file, status], api_name="list_adapters")
-    tab.select(on_refresh, None, [file, status], api_visibility="private")
+    refresh.click(on_refresh, file, [file, status], api_name="list_adapters")
+    tab.select(on_refresh, file, [file, status], api_visibility="private")
     file.change(on_select, file, [summary, status, download, *fields], api_name="select_adapter")
     save.click(on_save, [file, *fields], [status, download, *fields], api_name="save_metadata")
     copy.click(on_copy, [file, folder, overwrite], status, api_name="copy_adapter")

@@ -39,6 +39,21 @@ def adapter_files(dirs: DataDirs, runner: JobRunner) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def any_run(dirs: DataDirs, runner: JobRunner) -> bool:
+    """Whether this app has run anything yet: a job, or an adapter in its outputs."""
+    return bool(runner.jobs()) or bool(adapters_under(dirs.outputs))
+
+
+def chosen_after_refresh(found: list[str], current: str | None) -> str | None:
+    """The file the Export tab shows after listing `found` (newest first): the
+    one the user chose while it is still there, else the newest, else none."""
+    return current if current in found else (found[0] if found else None)
+
+
+def files_found(count: int) -> str:
+    return f"{count} adapter file{'s' if count != 1 else ''}."
+
+
 def label(path: Path) -> str:
     size = path.stat().st_size / 1e6
     return f"{path.name}  ({path.parent.name}, {size:.1f} MB)"

@@ -47,6 +47,16 @@ def killed_message(pid: int, step: object = None) -> str:
             "to continue from its last saved state.")
 
 
+def oom_retry_notes(status: dict | None) -> list[str]:
+    """The trainer's retries after out of memory (train.oom_retry; status.json
+    "oom_retries", written by trainer/run_guard.py), one sentence each."""
+    retries = status.get("oom_retries") if isinstance(status, dict) else None
+    if not isinstance(retries, list):
+        return []
+    return [f"Out of memory at step {r.get('step')}: retried from step {r.get('from_step')} "
+            f"with {r.get('change')}." for r in retries if isinstance(r, dict)]
+
+
 def own_status(job: Job, owner: Owner | None) -> dict | None:
     """The job folder's status.json if `owner` (the job's trainer) wrote it."""
     status = run_lock.read_status(Path(job.output_dir))

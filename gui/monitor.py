@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.run_layout import RunLayout
 from gui import views
-from gui.job_outcome import own_status
+from gui.job_outcome import oom_retry_notes, own_status
 from gui.jobs import Job, JobRunner, Status
 from gui.run_files import MetricsReader, log_lines, read_tail, tqdm_total
 
@@ -92,11 +92,14 @@ def _total_steps(job: Job) -> int | None:
 
 def _status(job: Job) -> str:
     text = f"**Job {job.id} ({views.escape(job.name)}): {_STATUS_WORDS[job.status]}.**"
+    # Retries after out of memory (train.oom_retry), while it runs and after.
+    retries = "".join(f"\n\n{views.escape(note)}"
+                      for note in oom_retry_notes(own_status(job, job.trainer)))
     if job.status is Status.FAILED:
-        return text + "\n\n" + views.problem(job.message)
+        return text + retries + "\n\n" + views.problem(job.message)
     if job.message:
         text += " " + views.escape(job.message)
-    return text
+    return text + retries
 
 
 def _jobs_table(jobs: list[Job]) -> str:

@@ -3,6 +3,7 @@ by `python -m trainer sample` in a child process."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -19,7 +20,9 @@ GALLERY_SIZE = 12
 def sample_arguments(model: str, loras: str, lcm: str, decoder: str, prompt: str, negative: str,
                      seed, steps, guidance, size: str, out: Path) -> list[str]:
     """The CLI's arguments; empty steps/guidance leave the CLI's defaults
-    (20 steps at 7.0, or 4 steps at 1.0 with an LCM-LoRA)."""
+    (20 steps at 7.0, or 4 steps at 1.0 with an LCM-LoRA). Both come as text
+    (or numbers, through the API): a number box shows 0 for "no value", and a
+    0 sent on would mean 0 guidance, not the default."""
     if not model.strip():
         raise UserError('Enter the base model: a .safetensors file, a diffusers folder or "demo".')
     if not prompt.strip():
@@ -34,11 +37,29 @@ def sample_arguments(model: str, loras: str, lcm: str, decoder: str, prompt: str
         args += ["--lcm-lora", adapter_argument(lcm.strip(), "--lcm-lora")]
     if decoder.strip():
         args += ["--preview-decoder", decoder.strip()]
-    if steps not in (None, ""):
-        args += ["--steps", str(int(steps))]
-    if guidance not in (None, ""):
-        args += ["--guidance", str(float(guidance))]
+    steps, guidance = optional_number(steps, "Steps", int), optional_number(guidance,
+                                                                            "Guidance", float)
+    if steps is not None:
+        args += ["--steps", str(steps)]
+    if guidance is not None:
+        args += ["--guidance", str(guidance)]
     return args
+
+
+def optional_number(value, label: str, kind: type[int] | type[float]) -> int | float | None:
+    """None for an empty box (the default), else the number typed in it."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    try:
+        number = float(text)
+        if not math.isfinite(number) or (kind is int and not number.is_integer()):
+            raise ValueError(text)
+    except ValueError:
+        what = "a whole number such as 20" if kind is int else "a number such as 7.5"
+        raise UserError(f"{label} {text!r} is not {what}; leave it empty for the default.") \
+            from None
+    return kind(number)
 
 
 def adapter_argument(text: str, option: str) -> str:
@@ -74,10 +95,11 @@ def build(ctx: Context, tab) -> None:
     negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
         seed = gr.Number(label="Seed", value=1234, precision=0)
-        steps = gr.Number(label="Steps", value=None, precision=0, elem_id="pv-steps",
-                          info="Empty: 20, or 4 with an LCM-LoRA.")
-        guidance = gr.Number(label="Guidance", value=None,
-                             info="Empty: 7.0, or 1.0 with an LCM-LoRA.")
+        # Text boxes: a number box cannot be empty, and shows 0 instead.
+        steps = gr.Textbox(label="Steps", value="", elem_id="pv-steps",
+                           placeholder="default", info="Empty: 20, or 4 with an LCM-LoRA.")
+        guidance = gr.Textbox(label="Guidance", value="", elem_id="pv-guidance",
+                              placeholder="default", info="Empty: 7.0, or 1.0 with an LCM-LoRA.")
         size = gr.Textbox(label="Size (WxH)", value="512x512", elem_id="pv-size")
     generate = gr.Button("Generate", variant="primary", elem_id="pv-generate")
     status = gr.Markdown(elem_id="pv-status")

@@ -10,6 +10,7 @@ import gradio as gr
 from core.errors import UserError
 from gui import exports, presets, views
 from gui.datasets import check
+from gui.estimate_view import run_estimate
 from gui.form import KEYS, SPECS, config_to_values, overrides_between, values_to_config
 from gui.handlers import Context, reports_to
 from gui.jobs import Job, Status
@@ -72,6 +73,14 @@ def fields_of_kind(kind: str) -> tuple[str, str]:
 
 def validated(values) -> TrainConfig:
     return values_to_config(values, require_paths=True)
+
+
+def memory_estimate(ctx: Context, preset: str | None, values) -> str:
+    """Markdown: the memory the form's run would need (`python -m trainer estimate`
+    in a child, on the same base and overrides Start would use), or why there is none."""
+    base_path = presets.base_path(preset, ctx.dirs)
+    config = values_to_config(values)  # paths may be missing yet: the estimate says so
+    return run_estimate(base_path, overrides_between(load_config(base_path), config))
 
 
 def start_job(ctx: Context, preset: str | None, values) -> str:
@@ -180,6 +189,7 @@ def build(ctx: Context, demo_button, welcome) -> None:
         start = gr.Button("Start", variant="primary", elem_id="train-start")
         stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
         resume = gr.Button("Resume", elem_id="train-resume")
+        estimate = gr.Button("Estimate memory", elem_id="train-estimate")
         # Custom values pass: a page older than the app's job list sends ids
         # the component does not know, and the runner explains what is wrong.
         resume_job_id = gr.Dropdown(label="Job to resume", choices=[], value=None, scale=2,
@@ -191,6 +201,7 @@ def build(ctx: Context, demo_button, welcome) -> None:
         save = gr.Button("Save preset", scale=1, elem_id="train-save-preset")
         show = gr.Button("Show config as TOML", scale=1, elem_id="train-show-config")
     status = gr.Markdown(elem_id="train-status")
+    estimate_md = gr.Markdown(elem_id="train-estimate-view")
     toml = gr.Code(label="config.toml", language=None, visible=False, elem_id="train-toml")
     job_md = gr.Markdown(elem_id="train-job")
     progress = gr.Markdown(elem_id="train-progress")
@@ -231,6 +242,10 @@ def build(ctx: Context, demo_button, welcome) -> None:
     def on_start(path: str | None, *values):
         return {status: start_job(ctx, path, values)}
 
+    @reports_to(estimate_md)
+    def on_estimate(path: str | None, *values):
+        return {estimate_md: memory_estimate(ctx, path, values)}
+
     @reports_to(status)
     def on_stop():
         job = runner.current() or next((j for j in runner.jobs() if j.status is Status.QUEUED),
@@ -267,9 +282,12 @@ def build(ctx: Context, demo_button, welcome) -> None:
 
     form_out = [*inputs, kind, status]
     preset.input(load_preset, [preset, form["model.path"], form["dataset.path"]], form_out,
-                 api_name="load_preset")
+                 api_name="load_preset").then(on_estimate, [preset, *inputs], estimate_md,
+                                              api_visibility="private")
+    estimate.click(on_estimate, [preset, *inputs], estimate_md, api_name="estimate_memory")
     demo_button.click(load_demo, None, [*form_out, preset, ctx.tabs, welcome],
-                      api_name="load_demo")
+                      api_name="load_demo").then(on_estimate, [preset, *inputs], estimate_md,
+                                                 api_visibility="private")
     kind.input(fields_of_kind, kind, [form["task"], form["network.type"]],
                api_visibility="private")
     gr.on([form["task"].change, form["network.type"].change], kind_of,

@@ -34,18 +34,19 @@ def ok(message: str) -> str:
 
 
 def check_report(report: dict, tags: Counter[str], top: int = 30) -> str:
-    """`datasets_tools check --json`, readable: verdict, problems, buckets, tags."""
-    n_err, n_warn = report["errors"], report["warnings"]
-    if report["trainable"]:
-        lines = [f"### Trainable: {report['images']} images, {report['samples_per_epoch']} "
-                 f"samples per epoch (with repeats), {n_warn} warning(s)"]
-    else:
-        lines = [f"### Not trainable: {n_err} error(s), {n_warn} warning(s)",
-                 "Fix the errors below (replace or remove those files), then check again."]
-    if report["problems"]:
+    """`datasets_tools check --json`, readable: verdict, problems, skipped files,
+    buckets, tags."""
+    listed = [p for p in report["problems"] if p["severity"] != "skipped"]
+    skipped = [p for p in report["problems"] if p["severity"] == "skipped"]
+    lines = [_verdict(report, len(skipped))]
+    if listed:
         lines += ["", "| severity | file | problem |", "|---|---|---|"]
         lines += [f"| {p['severity']} | {_cell(p['path'])} | {_cell(p['reason'])} |"
-                  for p in report["problems"]]
+                  for p in listed]
+    if skipped:
+        lines += ["", f"**{_plural(len(skipped), 'file')} skipped** (not trained on)", "",
+                  "| file | why |", "|---|---|"]
+        lines += [f"| {_cell(p['path'])} | {_cell(p['reason'])} |" for p in skipped]
     buckets = (report.get("buckets") or {}).get("buckets") or []
     if buckets and report["images"]:
         lines += ["", f"**Buckets** (resolution {report['resolution']})", "",
@@ -57,6 +58,24 @@ def check_report(report: dict, tags: Counter[str], top: int = 30) -> str:
                   "| tag | images |", "|---|---|"]
         lines += [f"| {_cell(tag)} | {count} |" for tag, count in tags.most_common(top)]
     return "\n".join(lines)
+
+
+def _verdict(report: dict, n_skipped: int) -> str:
+    n_err, warnings = report["errors"], _plural(report["warnings"], "warning")
+    if report["trainable"]:
+        skips = f", {_plural(n_skipped, 'file')} skipped" if n_skipped else ""
+        return (f"### Trainable: {report['images']} images, {report['samples_per_epoch']} "
+                f"samples per epoch (with repeats){skips}, {warnings}")
+    if not n_err:  # only dataset.strict refuses a report without errors
+        return (f"### Not trainable with dataset.strict = true: {_plural(n_skipped, 'file')} "
+                "would be skipped\n\nFix or remove them, or turn dataset.strict off to train "
+                "on the rest.")
+    return (f"### Not trainable: {_plural(n_err, 'error')}, {warnings}\n\n"
+            "Fix the errors below (replace or remove those files), then check again.")
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
 
 
 def _cell(text: str) -> str:

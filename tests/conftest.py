@@ -7,6 +7,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# `make test` runs one pytest worker per core (pytest-xdist): a worker's torch,
+# and the trainers it starts, then use one thread each instead of all cores
+# each, which would oversubscribe the machine and slow every step down.
+if os.environ.get("PYTEST_XDIST_WORKER") and not any(
+    os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from itertools import count
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,6 +58,9 @@ def contexts(a: SimpleNamespace) -> dict[str, dict[str, Any]]:
         "model.allow_pickle": {"model.path": str(a.ckpt)},  # only pickle files need it
         "model.v_parameterization": {"model.path": str(a.single_file)},  # folders state it
         "dataset.repeats": varied,  # the demo's "4_demoshape" folder has its own count
+        "dataset.strict": {"dataset.path": str(a.one_broken)},  # the demo has no broken file
+        "dataset.masked_loss": {"dataset.path": str(a.with_alpha)},  # the demo has no alpha
+        "dataset.mask_path": {"dataset.path": str(a.with_alpha), "dataset.masked_loss": True},
         "dataset.buckets": sizes,  # the demo's 64 px are below the default bucket sizes
         "dataset.min_bucket": buckets, "dataset.max_bucket": buckets,
         "dataset.bucket_step": buckets, "dataset.no_upscale": buckets,
@@ -82,6 +86,7 @@ def alternatives(a: SimpleNamespace) -> dict[str, list[Any]]:
         "network.resume_from": [str(a.adapter)],
         "sample.lcm_lora": [str(a.adapter)],
         "sample.preview_decoder": [str(a.taesd)],
+        "dataset.mask_path": [str(a.masks)],
         "train.max_grad_norm": [1e-3],  # surely clipping, whatever the gradient's norm
         # Min-SNR weighs down timesteps whose SNR is above gamma: 0.05 is below the
         # SNR of one of the first step's two timesteps (786 and 471), 5.0 of neither.
@@ -162,7 +167,7 @@ def shared_tokenizer():
 def assets(tmp_path_factory, one_torch_thread, shared_tokenizer) -> SimpleNamespace:
     from safetensors.torch import load_file
 
-    from tests.datasets_helpers import save_image
+    from tests.datasets_helpers import noise_image, save_image
     from trainer.demo_assets import ensure_demo_model
 
     root = tmp_path_factory.mktemp("effects")
@@ -172,6 +177,15 @@ def assets(tmp_path_factory, one_torch_thread, shared_tokenizer) -> SimpleNamesp
                                 ("small", (40, 40), "shape, small, green"),
                                 ("square", (96, 96), "shape, square, grey")]:
         save_image(varied / f"{name}.png", size, seed=len(name), caption=caption)
+    one_broken = root / "one-broken"  # trains without its broken file, unless strict
+    shutil.copytree(varied, one_broken)
+    (one_broken / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ncut short")
+    with_alpha, masks = root / "with-alpha", root / "masks"  # masked loss: the demo has no mask
+    masks.mkdir()
+    for seed in range(2):
+        save_image(with_alpha / f"{seed}.png", seed=seed, caption="shape, noise")
+        noise_image((64, 64), seed=seed, mode="RGBA").save(with_alpha / f"{seed}.png")
+        noise_image((64, 64), seed=seed + 10, mode="L").save(masks / f"{seed}.png")
     single_file = ensure_demo_model().parent / "demo-sd15.safetensors"
     ckpt = root / "demo-sd15.ckpt"
     torch.save({"state_dict": load_file(str(single_file))}, ckpt)
@@ -179,7 +193,8 @@ def assets(tmp_path_factory, one_torch_thread, shared_tokenizer) -> SimpleNamesp
 
     taesd = root / "taesd"
     AutoencoderTiny().save_pretrained(taesd)
-    return SimpleNamespace(varied=varied, single_file=single_file, ckpt=ckpt, taesd=taesd,
+    return SimpleNamespace(varied=varied, one_broken=one_broken, single_file=single_file,
+                           ckpt=ckpt, taesd=taesd, with_alpha=with_alpha, masks=masks,
                            adapter=_trained_looking_adapter(root / "adapter.safetensors"))
 
 

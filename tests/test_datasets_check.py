@@ -66,26 +66,26 @@ def build_broken_dataset(root: Path) -> None:
 EXPECTED_PROBLEMS = [
     ("warning", "0_skip", "0 repeats in the folder name: nothing in this folder is used"),
     ("warning", "10_cat", "1 file ignored: neither images nor captions (.md)"),
-    ("error", "10_cat/anim.gif", "unsupported format .gif (use JPEG, PNG, WebP or BMP)"),
-    ("error", "10_cat/corrupt.png", "corrupt image (cannot be decoded)"),
+    ("skipped", "10_cat/anim.gif", "unsupported format .gif (use JPEG, PNG, WebP or BMP)"),
+    ("skipped", "10_cat/corrupt.png", "corrupt image (cannot be decoded)"),
     ("warning", "10_cat/emptycap.txt", 'caption file is empty; the class token "cat" is used'),
-    ("error", "10_cat/gif_inside.png",
+    ("skipped", "10_cat/gif_inside.png",
      "unsupported format GIF in a .png file (use JPEG, PNG, WebP or BMP)"),
     ("warning", "10_cat/good1_copy.png", "duplicate of 10_cat/good1.png (identical content)"),
-    ("error", "10_cat/latin1.txt",
-     "caption is not UTF-8 (byte 0xe9 at offset 3); save it as UTF-8"),
+    ("skipped", "10_cat/latin1.png",
+     "its caption latin1.txt is not UTF-8 (byte 0xe9 at offset 3); save it as UTF-8"),
     ("warning", "10_cat/multi.txt", "caption has 2 lines; only the first is used"),
     ("warning", "10_cat/nocap.png", 'no caption file (nocap.txt); the class token "cat" is used'),
-    ("error", "10_cat/notimage.jpg", "not an image (the content is not a known image format)"),
+    ("skipped", "10_cat/notimage.jpg", "not an image (the content is not a known image format)"),
     ("warning", "10_cat/orphan.txt", "caption without an image; ignored"),
     ("warning", "10_cat/small.png",
      "too small for resolution 128: 96x96 is enlarged 1.33x to fill 128x128"),
-    ("error", "10_cat/tiny.png",
+    ("skipped", "10_cat/tiny.png",
      "too small for resolution 128: 16x16 would be enlarged 8.00x to fill 128x128 "
      "(more than 4x); use a larger image or remove it"),
-    ("error", "10_cat/truncated.jpg", "truncated image (the file ends early)"),
-    ("error", "10_cat/zero.jpg", "empty file (0 bytes)"),
-    ("error", "2_dog/whole.png", "truncated image (the file ends early)"),
+    ("skipped", "10_cat/truncated.jpg", "truncated image (the file ends early)"),
+    ("skipped", "10_cat/zero.jpg", "empty file (0 bytes)"),
+    ("skipped", "2_dog/whole.png", "truncated image (the file ends early)"),
     ("warning", "2_dog", "no usable image in this folder"),
     ("warning", "docs", "1 file ignored: neither images nor captions (.md)"),
     ("warning", "docs", "no usable image in this folder"),
@@ -93,33 +93,58 @@ EXPECTED_PROBLEMS = [
 ]
 
 
+SKIPPED = sorted(path for severity, path, _ in EXPECTED_PROBLEMS if severity == "skipped")
+
+
 def test_broken_dataset_report_is_exact(tmp_path: Path) -> None:
     build_broken_dataset(tmp_path)
     report = check_dataset(tmp_path, CONFIG)
     got = [(p.severity.value, p.path, p.reason) for p in report.problems]
-    assert got == sorted(EXPECTED_PROBLEMS, key=lambda p: (p[1], p[0] != "error", p[2]))
-    assert not report.trainable
+    assert got == sorted(EXPECTED_PROBLEMS, key=lambda p: (p[1], p[0] != "skipped", p[2]))
+    # Every broken file is skipped; the rest trains.
+    assert report.trainable and not report.errors
+    assert sorted(p.path for p in report.skipped) == SKIPPED
     usable = sorted(item.rel_path for item in report.items)
     assert usable == ["10_cat/emptycap.png", "10_cat/good1.png", "10_cat/good1_copy.png",
-                      "10_cat/good2.jpg", "10_cat/latin1.png", "10_cat/multi.png",
-                      "10_cat/nocap.png", "10_cat/small.png", "1_plain/plain.webp"]
+                      "10_cat/good2.jpg", "10_cat/multi.png", "10_cat/nocap.png",
+                      "10_cat/small.png", "1_plain/plain.webp"]
+    assert not set(usable) & set(SKIPPED)
+    assert report.buckets is not None and sum(r.images for r in report.buckets.rows) == 8
     text = report.format_text()
+    assert "9 files skipped (not trained on):\n  10_cat/anim.gif: unsupported format" in text
     assert text.splitlines()[-1] == (
-        "Not trainable: 9 errors, 12 warnings. Fix the errors above and run the check again.")
+        "Trainable: 8 images, 71 samples per epoch with repeats, 9 files skipped, 12 warnings.")
     assert all("\n" not in p.reason for p in report.problems)
 
 
-def test_cli_on_broken_dataset_exits_1_with_json(tmp_path: Path, capsys) -> None:
+def test_strict_makes_any_skipped_file_untrainable(tmp_path: Path) -> None:
     build_broken_dataset(tmp_path)
-    assert main(["check", str(tmp_path), "--json", *CLI_BUCKETS]) == 1
+    report = check_dataset(tmp_path, CONFIG, strict=True)
+    assert not report.trainable and len(report.skipped) == 9 and not report.errors
+    assert report.format_text().splitlines()[-1].startswith(
+        "Not trainable with strict checking (--strict, dataset.strict = true): 9 files would "
+        "be skipped (listed above).")
+    build_valid_dataset(tmp_path / "valid")
+    assert check_dataset(tmp_path / "valid", CONFIG, strict=True).trainable
+
+
+def test_cli_on_broken_dataset_exits_0_listing_the_skipped_files(tmp_path: Path,
+                                                                  capsys) -> None:
+    build_broken_dataset(tmp_path)
+    assert main(["check", str(tmp_path), "--json", *CLI_BUCKETS]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["trainable"] is False
-    assert data["errors"] == 9 and data["warnings"] == 12
+    assert data["trainable"] is True and data["images"] == 8
+    assert data["errors"] == 0 and data["skipped"] == 9 and data["warnings"] == 12
+    assert sorted(p["path"] for p in data["problems"] if p["severity"] == "skipped") == SKIPPED
     assert {"severity", "path", "reason", "code"} <= set(data["problems"][0])
     codes = {p["code"] for p in data["problems"]}
     assert {"corrupt", "truncated", "zero_bytes", "not_an_image", "unsupported_format",
             "too_small", "caption_not_utf8", "duplicate", "empty_folder",
             "folder_without_images"} <= codes
+    assert main(["check", str(tmp_path), "--strict", *CLI_BUCKETS]) == 1
+    out = capsys.readouterr().out
+    assert "9 files skipped (not trained on):" in out
+    assert "  2_dog/whole.png: truncated image (the file ends early)" in out
 
 
 def build_valid_dataset(root: Path) -> None:
@@ -221,9 +246,9 @@ def test_module_entry_point_runs_without_traceback(tmp_path: Path) -> None:
     (tmp_path / "extra" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     done = subprocess.run([sys.executable, "-m", "datasets_tools", "check", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 0, done.stderr  # one broken file among good ones is skipped
     assert "Traceback" not in done.stderr + done.stdout
-    assert "error    extra/bad.png: " in done.stdout
+    assert "1 file skipped (not trained on):\n  extra/bad.png: " in done.stdout
 
 
 def test_odd_file_names_stay_on_one_line(tmp_path: Path) -> None:
@@ -232,7 +257,7 @@ def test_odd_file_names_stay_on_one_line(tmp_path: Path) -> None:
     save_image(tmp_path / "ok.png", (128, 128), seed=1, caption="ok")
     report = check_dataset(tmp_path, CONFIG)
     lines = [line for line in report.format_text().splitlines() if "bad" in line]
-    assert lines == ["error    bad\\nname.jpg: empty file (0 bytes)"]
+    assert lines == ["  bad\\nname.jpg: empty file (0 bytes)"]
 
 
 def test_exif_rotated_size_is_used_for_the_bucket(tmp_path: Path) -> None:
@@ -252,5 +277,5 @@ def test_decompression_bomb_is_reported_not_raised(tmp_path: Path) -> None:
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
     (tmp_path / "x.png").write_bytes(bytes(data))
     report = check_dataset(tmp_path, CONFIG)
-    assert [(p.path, p.code) for p in report.errors] == [(".", "no_usable_image"),
-                                                         ("x.png", "too_large")]
+    assert [(p.path, p.code) for p in report.errors] == [(".", "no_usable_image")]
+    assert [(p.path, p.code) for p in report.skipped] == [("x.png", "too_large")]

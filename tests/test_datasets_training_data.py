@@ -41,8 +41,9 @@ def test_untrainable_report_raises_user_error_with_the_report(tmp_path: Path) ->
     (tmp_path / "x.png").write_bytes(b"")
     with pytest.raises(UserError) as info:
         check_dataset(tmp_path, BUCKETS).raise_if_untrainable()
-    assert "error    x.png: empty file (0 bytes)" in str(info.value)
-    assert str(info.value).splitlines()[-1].startswith("Not trainable: 2 errors")
+    assert "1 file skipped (not trained on):\n  x.png: empty file (0 bytes)" in str(info.value)
+    assert "error    .: no usable image: the only file found is skipped" in str(info.value)
+    assert str(info.value).splitlines()[-1].startswith("Not trainable: 1 error")
 
 
 def test_pixel_batches_are_deterministic_and_resumable(tmp_path: Path) -> None:

@@ -197,7 +197,7 @@ def test_start_shows_the_report_of_an_untrainable_dataset(app, tmp_path):
     status = client.predict(None, *form_values(client, dataset__path=str(tmp_path)),
                             api_name="/start")
     assert "cannot be trained on yet; nothing was started" in status
-    assert "### Not trainable" in status and "| error | broken.png |" in status
+    assert "### Not trainable" in status and "| broken.png | not an image" in status
     assert len(runner.jobs()) == jobs
 
 

@@ -120,10 +120,13 @@ def test_check_reports_broken_images_readably(tmp_path):
     for name in ("a.png", "b.jpg"):
         (root / name).write_bytes(b"not an image at all")
     result = datasets.check(str(root), 512, True, 256, 1024, 64, False, ".txt")
-    assert result.trainable is False and result.report["errors"] >= 2
+    # No usable image at all: refused, with both files listed as skipped.
+    assert result.trainable is False and result.report["errors"] == 1
+    assert result.report["skipped"] == 2
     text = views.check_report(result.report, Counter())
-    assert text.startswith("### Not trainable:")
-    assert "| error | a.png |" in text and "| error | b.jpg |" in text
+    assert text.startswith("### Not trainable: 1 error, 0 warnings")
+    assert "**2 files skipped** (not trained on)" in text
+    assert "| a.png | not an image" in text and "| b.jpg | not an image" in text
 
 
 def test_check_report_shows_buckets_and_tags(tmp_path):

@@ -5,21 +5,21 @@ summary says LoKr and no DoRA. Screenshots: test-output/e2e-adapters/."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from gui.exports import summary
 from networks.algorithms import ALGORITHMS
+from tests.gui_browser import (  # noqa: F401 - browser and server are fixtures
+    MINUTE,
+    Screenshots,
+    box,
+    browser,
+    run_scenario,
+    server,
+    tab,
+)
 
-# browser and server are the fixtures of the first browser test
-from tests.test_gui_e2e import MINUTE, REPO, box, browser, server, tab  # noqa: F401
-
-SHOTS = REPO / "test-output" / "e2e-adapters"
-
-
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+shot = Screenshots("e2e-adapters")
 
 
 def test_summary_says_the_algorithm_and_dora():
@@ -41,17 +41,7 @@ def test_summary_says_the_algorithm_and_dora():
 
 
 def test_lora_with_dora_and_lokr_in_the_browser(browser, server):  # noqa: F811
-    url, tmp_path = server
-    if SHOTS.exists():
-        shutil.rmtree(SHOTS)
-    page = browser.new_page(viewport={"width": 1280, "height": 1600})
-    try:
-        scenario(page, url, tmp_path)
-    except AssertionError as failure:
-        shot(page, "failure")
-        logs = "\n".join(f"--- {log}\n{log.read_text()[-2000:]}"
-                         for log in sorted((tmp_path / "data" / "jobs").glob("*/log.txt")))
-        raise AssertionError(f"{failure}\nscreenshot: {SHOTS / 'failure.png'}\n{logs}") from None
+    run_scenario(browser, server, shot, scenario)
 
 
 def pick_kind(page, label: str) -> None:

@@ -14,12 +14,8 @@ from lycoris.modules.lokr import LokrModule
 from torch import nn
 
 from networks.base import Dropout
-from networks.lokr import (
-    LoKrModule,
-    factor_for_layouts,
-    factorization,
-    lokr_file_scale,
-)
+from networks.kron_layout import factor_for_layouts, factorization
+from networks.lokr import LoKrModule, lokr_file_scale
 from networks.network import AdapterNetwork
 
 NAME = "lora_unet_x"

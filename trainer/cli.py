@@ -33,18 +33,21 @@ def _train(args: argparse.Namespace) -> int | None:
     # has left its folder as it was; during training it stops at a step.
     try:
         from trainer.config import load_config, require_paths
-        from trainer.train import run
+        from trainer.oom_retry import run_with_retry, set_arguments
 
         config = load_config(args.config, args.set)
         require_paths(config)
-        result = run(config, resume=args.resume, stop_at_step=args.stop_at_step)
+        # train.oom_retry: out of memory in a step retries with less memory (trainer/oom_retry.py)
+        result = run_with_retry(config, resume=args.resume, stop_at_step=args.stop_at_step)
     except KeyboardInterrupt as interrupt:
         print(NOTHING_TRAINED, file=sys.stderr)
         return 128 + getattr(interrupt, "signum", signal.SIGINT)
     if not result.is_main:
         return None
     if result.stopped_early:
-        print(f"stopped after step {result.steps_done}; the state is saved: continue with --resume")
+        chosen = f" {set_arguments(result.oom_retries)}" if result.oom_retries else ""
+        print(f"stopped after step {result.steps_done}; the state is saved: continue with "
+              f"--resume{chosen}")
     else:
         print(f"done: {result.steps_done} steps, adapter written to {result.final_file}")
     return None
@@ -54,6 +57,16 @@ def _sample(args: argparse.Namespace) -> None:
     from trainer.sample_cli import run_sample
 
     run_sample(args)
+
+
+def _estimate(args: argparse.Namespace) -> None:
+    import json
+
+    from trainer.config import load_config
+    from trainer.estimate import estimate, to_text
+
+    result = estimate(load_config(args.config, args.set), device=args.device)
+    print(json.dumps(result.to_json(), indent=1) if args.json else to_text(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sample_arguments(sample)
     sample.set_defaults(handler=_sample)
+
+    estimate = commands.add_parser(
+        "estimate",
+        help="the expected peak memory of a training run, before it starts",
+        description="Estimate the peak memory of training CONFIG.toml, part by part (weights "
+        "by precision, adapter, optimizer, activations, caches), against the memory available "
+        "on the device, with what to change when it does not fit. Loads no weights.",
+    )
+    estimate.add_argument("config", metavar="CONFIG.toml", help="a config file or a preset")
+    estimate.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set train.batch_size=4 (repeatable)",
+    )  # fmt: skip
+    estimate.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                          help="estimate for this device (default: where training would run)")
+    estimate.add_argument("--json", action="store_true", help="print JSON (for the GUI)")
+    estimate.set_defaults(handler=_estimate)
     return parser
 
 

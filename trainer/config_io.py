@@ -114,7 +114,9 @@ def _path_problem(config: TrainConfig, key: str, what: str) -> str | None:
     if not value:
         return f"{key} is empty: set {key} to {what} (in the TOML file or with --set {key}=PATH)."
     if value != DEMO and not Path(value).exists():
-        return f"{key} = {_show(value)} does not exist; set {key} to {what}."
+        # In full: a path cut short to fit a line cannot be checked or fixed.
+        shown = json.dumps(value, ensure_ascii=False)
+        return f"{key} = {shown} does not exist; set {key} to {what}."
     return None
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from networks.algorithms import ALGORITHMS, algorithms_using, all_options
+from trainer.prompt_options import PromptOptionError, parse_prompt
 
 DEMO = "demo"  # model.path / dataset.path value meaning the built-in demo model / dataset
 VAE_FACTOR = 8  # the SD VAE downsamples by 8: every pixel size must be a multiple of it
@@ -40,6 +41,12 @@ class ModelConfig(Section):
                            "the end (1 = last; 2 for anime models trained that way).")
     allow_pickle: bool = Field(False, description="Allow .ckpt/.pt pickle files, which can run "
                                "arbitrary code. Only for files you trust.")
+    base_precision: Literal["auto", "fp32", "fp16", "bf16", "fp8", "nf4"] = Field(
+        "auto", description="How the frozen U-Net and text encoder are stored: auto = in "
+        "train.mixed_precision's dtype; fp32/bf16/fp16 = that dtype (fp16 needs "
+        "train.mixed_precision = fp16); fp8 = 8-bit weights with a scale per channel, half "
+        "of bf16's memory, CPU or GPU; nf4 = 4-bit (QLoRA; bitsandbytes, CUDA only). "
+        "Adapters train in fp32 and the VAE stays fp32 whatever this says.")
 
 
 class DatasetConfig(Section):
@@ -66,6 +73,25 @@ class DatasetConfig(Section):
     trigger_word: str = Field("", description="Put in front of every caption (e.g. 'sks').")
     repeats: int = Field(1, ge=1, description='Times each image counts per epoch, outside '
                          'kohya "N_name" folders (there N counts; kohya num_repeats).')
+    strict: bool = Field(False, description="Refuse the dataset if any file would be skipped "
+                         "(corrupt, unsupported, too small, unreadable caption); off: train on "
+                         "the rest and list the skipped files.")
+    masked_loss: bool = Field(False, description="Weight each pixel's loss by a mask (kohya "
+        "masked_loss): white = train, black = ignore, grey = partly. The mask is the file of "
+        "the same name in dataset.mask_path, else the image's alpha channel (RGBA PNG/WebP); "
+        "an image with neither trains on every pixel (the dataset check warns).")
+    mask_path: str = Field("", description="Folder of grayscale masks named like the images "
+        "(any image extension, the image's size, same subfolders or flat); needs "
+        "dataset.masked_loss = true. Empty: masks from the alpha channel.")
+
+    @model_validator(mode="after")
+    def _mask_path_needs_masked_loss(self) -> DatasetConfig:
+        if self.mask_path and not self.masked_loss:
+            raise ValueError(
+                f'dataset.mask_path = "{self.mask_path}" has no effect without '
+                "dataset.masked_loss = true; set it, or remove dataset.mask_path"
+            )
+        return self
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> DatasetConfig:
@@ -197,6 +223,10 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
                                          "backward pass: less memory, slower steps.")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel.")
+    oom_retry: bool = Field(False, description="On out of memory, save the state and retry by "
+        "itself with less memory: gradient checkpointing, then half the batch with twice the "
+        "accumulation (same effective batch), then an fp8 base; one-process runs only. Off: "
+        "save the state and stop with advice.")
     compile: bool = Field(False, description="torch.compile the U-Net with its adapters: "
                           "faster steps after a slow first step per bucket size (minutes on "
                           "a CPU; cached for later runs). Off: no compile wait.")
@@ -230,7 +260,10 @@ class TrainingConfig(Section):
 
 
 class SampleConfig(Section):
-    prompts: list[str] = Field([], description="Prompts rendered at each sampling point.")
+    prompts: list[str] = Field([], description="Prompts rendered at each sampling point; "
+                               "kohya options after the text override the settings below for "
+                               "that prompt: --n negative, --w/--h size, --s steps, "
+                               "--l guidance, --d seed (e.g. 'a cat --w 512 --d 42').")
     negative_prompt: str = Field("", description="Negative prompt for every sample.")
     every_n_steps: int = Field(0, ge=0, description="Render samples every N steps; 0 = off.")
     steps: int = Field(20, ge=1, le=1000, description="Denoising steps per sample.")
@@ -245,6 +278,15 @@ class SampleConfig(Section):
     preview_decoder: str = Field("", description="Folder of TAESD (madebyollin/taesd, diffusers "
                                  "AutoencoderTiny) to decode previews several times faster, a "
                                  "little softer; empty = the model's VAE.")
+
+    @model_validator(mode="after")
+    def _prompt_options(self) -> SampleConfig:
+        for index, prompt in enumerate(self.prompts):
+            try:
+                parse_prompt(prompt)
+            except PromptOptionError as exc:
+                raise ValueError(f'sample.prompts[{index}] "{prompt}": {exc.reason}') from None
+        return self
 
     @model_validator(mode="after")
     def _prompts_when_sampling(self) -> SampleConfig:
@@ -318,4 +360,4 @@ SECTIONS: dict[str, type[Section]] = {
 }
 # Fields holding file or folder paths (resolved against the TOML file's folder).
 PATH_KEYS = ("model.path", "dataset.path", "output.dir", "sample.lcm_lora", "network.resume_from",
-             "sample.preview_decoder")  # fmt: skip
+             "sample.preview_decoder", "dataset.mask_path")  # fmt: skip

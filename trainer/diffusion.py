@@ -54,7 +54,26 @@ def loss_weights(noise_scheduler, timesteps: torch.Tensor, min_snr_gamma: float)
     return clipped / snr
 
 
-def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (
-        (prediction.float() - target.float()).square().mean(dim=tuple(range(1, prediction.dim())))
-    )
+def per_sample_mse(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error per sample; with `mask` (B x 1 x h x w in [0, 1], at the
+    latent grid or larger) each latent pixel's error is weighted by it first.
+
+    As kohya's `apply_masked_loss` (sd-scripts library/custom_train_functions.py):
+    a larger mask is averaged down ("area") to the latent grid, and the weighted
+    error is averaged over *all* pixels, not over the mask's sum. A half-masked
+    image therefore weighs about half as much as a full one, and a sample that is
+    mostly masked out cannot blow up its few remaining pixels' gradients.
+    """
+    error = (prediction.float() - target.float()).square()
+    if mask is not None:
+        error = error * masked_weights(mask, tuple(error.shape[-2:])).to(error.device)
+    return error.mean(dim=tuple(range(1, prediction.dim())))
+
+
+def masked_weights(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B x 1 x h x w float weights on the latent grid `size` (h, w)."""
+    from datasets_tools.masks import to_grid
+
+    return to_grid(mask.float(), size)

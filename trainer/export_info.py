@@ -48,6 +48,10 @@ def export_info(config, report, progress) -> ExportInfo:
             "lr_scheduler": t.scheduler,
             "optimizer": t.optimizer,
             "mixed_precision": t.mixed_precision,
+            # model.base_precision as set (next to ss_mixed_precision, which
+            # resolves "auto"); ss_fp8_base is kohya's own key for an fp8 base.
+            "base_precision": config.model.base_precision,
+            "fp8_base": str(config.model.base_precision == "fp8"),
             "seed": t.seed,
             "noise_offset": t.noise_offset,
             "min_snr_gamma": t.min_snr_gamma,

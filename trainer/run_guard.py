@@ -53,7 +53,10 @@ def resume_point(state_root: Path, total: int, epochs: int = 0) -> int:
 
 
 class RunGuard:
-    def __init__(self):
+    def __init__(self, oom_retries: list[dict] | None = None):
+        # This process's retries after out of memory (trainer/oom_retry.py),
+        # shared with the retry loop, which adds to it: status.json lists them.
+        self._oom_retries = oom_retries if oom_retries is not None else []
         self._lock: RunLock | None = None
         self._outputs = None  # trainer.run_outputs.RunOutputs
         self._step = self._total = 0
@@ -109,6 +112,8 @@ class RunGuard:
                 self._write(self._ended)
             elif isinstance(exc, KeyboardInterrupt):  # a signal during start-up
                 self._write(STOPPED)
+            elif _retrying(exc, self._oom_retries):  # this process trains on: not final
+                self._write(TRAINING)
             else:
                 self._write(FAILED, error=one_line(exc))
         finally:
@@ -119,9 +124,18 @@ class RunGuard:
         # it fail is reported by the save that matters, and must not hide the
         # error a failed run is being closed for.
         files = self._outputs.files() if state != STARTING else {}
+        extra = {"extra": {"oom_retries": list(self._oom_retries)}} if self._oom_retries else {}
         with contextlib.suppress(UserError, OSError):
-            write_status(self._outputs.folder, state, self._step, self._total, error, files)
+            write_status(self._outputs.folder, state, self._step, self._total, error, files,
+                         **extra)
         self._written_at = time.monotonic()
+
+
+def _retrying(exc: BaseException, oom_retries: list[dict]) -> bool:
+    from trainer.oom import OutOfMemoryStop
+    from trainer.oom_retry import settle
+
+    return isinstance(exc, OutOfMemoryStop) and settle(exc, oom_retries)
 
 
 def one_line(exc: BaseException) -> str:

@@ -63,6 +63,7 @@ def resolve_run(config, device: torch.device | None = None) -> dict:
             "files": _file_names(config),
             "export": _exported(config, network, report, total),
             "first_step": _first_step(config, sd, network, data, device),
+            "oom_retry": _oom_fallbacks(config),
         }
     finally:
         network.detach()
@@ -75,7 +76,8 @@ def _dataset_plan(report, data, cache, total: int) -> dict:
             break
         batches.append({"bucket": tb.batch.bucket, "items": tb.batch.items,
                         "flips": tb.batch.flips, "captions": tb.captions,
-                        "pixels": _digest([tb.pixels])})
+                        "pixels": _digest([tb.pixels]),
+                        "masks": None if tb.masks is None else _digest([tb.masks])})
     return {
         "items": [(i.rel_path, i.repeats, i.caption, i.width, i.height) for i in report.items],
         "samples_per_epoch": data.sampler.samples_per_epoch,
@@ -88,10 +90,14 @@ def _dataset_plan(report, data, cache, total: int) -> dict:
 
 
 def _model_facts(sd) -> dict:
+    from trainer.base_precision import storage_summary
+
     return {
         "source": str(sd.source),
         "prediction_type": sd.prediction_type,
         "dtypes": [str(part.dtype) for part in (sd.unet, sd.text_encoder, sd.vae)],
+        # As stored (model.base_precision): fp8 codes show as float8_e4m3fn.
+        "stored": [storage_summary(part) for part in (sd.unet, sd.text_encoder)],
         "unet_checkpointing": sd.unet.is_gradient_checkpointing,
         "text_encoder_checkpointing": bool(
             getattr(sd.text_encoder, "is_gradient_checkpointing", False)),
@@ -186,6 +192,13 @@ def _first_step(config, sd, network, data, device) -> dict:
         loss = training_loss(config, sd, network, tb, mine, generator,
                              bool(network.text_encoder_adapters), context)
     return {"loss": float(loss.detach()), "step_unet": type(context.step_unet(sd)).__name__}
+
+
+def _oom_fallbacks(config) -> list[dict]:
+    """What the run does on out of memory: the fallbacks trainer/oom_retry.py walks."""
+    from trainer.oom_retry import retry_policy
+
+    return [{"change": f.change, "set": f.overrides} for f in retry_policy(config)]
 
 
 def _digest(tensors) -> str:

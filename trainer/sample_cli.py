@@ -40,7 +40,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "--lcm-lora", metavar="FILE[:WEIGHT]",
         help="an LCM-LoRA: sample with the LCM scheduler (default 4 steps, guidance 1.0)",
     )  # fmt: skip
-    parser.add_argument("--prompt", required=True, metavar="TEXT")
+    parser.add_argument(
+        "--prompt", required=True, metavar="TEXT",
+        help="may end in kohya options, which win over the ones below: --n negative, --w/--h "
+             "size, --s steps, --l guidance, --d seed (e.g. 'a cat --w 512 --d 42')",
+    )  # fmt: skip
     parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     parser.add_argument("--steps", type=int, metavar="N", help="default 20, or 4 with --lcm-lora")
     parser.add_argument(
@@ -131,6 +135,12 @@ def _can_write_in(folder: Path) -> bool:
 
 def build_request(args: argparse.Namespace) -> SampleRequest:
     """Every argument checked, defaults resolved; nothing loaded yet."""
+    from trainer.prompt_options import PromptOptionError, parse_prompt
+
+    try:
+        parse_prompt(args.prompt)
+    except PromptOptionError as exc:
+        raise UserError(f'--prompt "{args.prompt}": {exc.reason}.') from None
     lcm = args.lcm_lora is not None
     if lcm and args.sampler:
         raise UserError(
@@ -162,7 +172,7 @@ def build_request(args: argparse.Namespace) -> SampleRequest:
         from trainer.preview_decoder import check_decoder_folder
 
         check_decoder_folder(args.preview_decoder, "--preview-decoder")
-    from trainer.sampling import SampleSettings  # imports torch: after the cheap checks
+    from trainer.sampling import SampleSettings, per_prompt  # imports torch: after the checks
 
     settings = SampleSettings(
         prompts=(args.prompt,),
@@ -176,7 +186,8 @@ def build_request(args: argparse.Namespace) -> SampleRequest:
         clip_skip=args.clip_skip,
         decoder=args.preview_decoder,
     )
-    return SampleRequest(args.model, tuple(adapters), settings, out)
+    # The prompt's own options applied, so that the summary printed says what was made.
+    return SampleRequest(args.model, tuple(adapters), per_prompt(settings)[0], out)
 
 
 def load_model(model: str):

@@ -6,10 +6,13 @@ preview shows exactly what the exported file will do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from core.errors import UserError
+from trainer.prompt_options import PromptOptionError, parse_prompt
+from trainer.sample_cli import LCM_MAX_STEPS
 from trainer.text_encoding import encode_captions
 
 SCHEDULERS = {
@@ -21,7 +24,7 @@ SCHEDULERS = {
 
 @dataclass(frozen=True)
 class SampleSettings:
-    prompts: tuple[str, ...]
+    prompts: tuple[str, ...]  # each may end in kohya options (`trainer.prompt_options`)
     negative_prompt: str = ""
     steps: int = 20
     guidance: float = 7.0
@@ -31,6 +34,30 @@ class SampleSettings:
     height: int = 512
     clip_skip: int = 1
     decoder: str = ""  # a TAESD folder (`trainer.preview_decoder`); "" = the model's VAE
+
+
+def per_prompt(settings: SampleSettings) -> list[SampleSettings]:
+    """One settings per prompt, its options applied: the prompt's own text,
+    negative prompt, size, steps, guidance and seed (`--d`, else the seed plus
+    the prompt's index, so prompts differ and each stays the same every time)."""
+    resolved = []
+    for index, line in enumerate(settings.prompts):
+        try:
+            o = parse_prompt(line)
+        except PromptOptionError as exc:
+            raise UserError(f"{exc}.") from None
+        steps = settings.steps if o.steps is None else o.steps
+        if settings.sampler == "lcm" and steps > LCM_MAX_STEPS:
+            raise UserError(f'prompt "{line}": --s {steps}: the LCM scheduler takes at most '
+                            f"{LCM_MAX_STEPS} steps.")
+        resolved.append(replace(
+            settings, prompts=(o.text,), steps=steps,
+            negative_prompt=settings.negative_prompt if o.negative is None else o.negative,
+            guidance=settings.guidance if o.guidance is None else o.guidance,
+            width=o.width or settings.width, height=o.height or settings.height,
+            seed=settings.seed + index if o.seed is None else o.seed,
+        ))  # fmt: skip
+    return resolved
 
 
 def make_scheduler(name: str, scheduler_config: dict):
@@ -59,15 +86,15 @@ def generate(sd, settings: SampleSettings) -> list:
         return encode_captions(sd.text_encoder, sd.tokenizer, [text], settings.clip_skip)
 
     images = []
-    for index, prompt in enumerate(settings.prompts):
-        generator = torch.Generator().manual_seed(settings.seed + index)
+    for one in per_prompt(settings):
+        generator = torch.Generator().manual_seed(one.seed)
         result = pipe(
-            prompt_embeds=encode(prompt),
-            negative_prompt_embeds=encode(settings.negative_prompt),
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            width=settings.width,
-            height=settings.height,
+            prompt_embeds=encode(one.prompts[0]),
+            negative_prompt_embeds=encode(one.negative_prompt),
+            num_inference_steps=one.steps,
+            guidance_scale=one.guidance,
+            width=one.width,
+            height=one.height,
             generator=generator,
             output_type="latent",
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -19,6 +19,7 @@ from trainer import diffusion
 from trainer.lcm import EmaTarget
 from trainer.lcm_state import restore_weights, training_weights
 from trainer.loss_readout import READ_EVERY_S, LossReadout, checked, diverged
+from trainer.oom import Attempt, injected_oom, is_out_of_memory, rng_states, stop_after_oom
 from trainer.processes import stop_requested, sum_across, sync_gradients
 from trainer.run_guard import RunGuard, resume_point
 from trainer.state import SAVE_ADVICE, Progress, load_latest_state, restore_rng_states, save_state
@@ -33,15 +34,18 @@ class RunResult:
     losses: list[float]
     stopped_early: bool
     is_main: bool = True  # only the main process reports (and writes files)
+    oom_retries: list[dict] = field(default_factory=list)  # trainer/oom_retry.py
 
 
-def run(config, resume: bool = False, stop_at_step: int | None = None) -> RunResult:
+def run(config, resume: bool = False, stop_at_step: int | None = None,
+        oom_retries: list[dict] | None = None) -> RunResult:
     """Train; the guard holds the output folder (lock, status.json) however
     the run ends, and a signal ends the start-up at once or training at the
-    next step boundary (trainer/stop_flag.py)."""
+    next step boundary (trainer/stop_flag.py). `oom_retries`: this run's
+    retries so far after out of memory, for status.json (trainer/oom_retry.py)."""
     threads = torch.get_num_threads()  # the run chooses its own (trainer/cpu_threads.py)
     try:
-        with StopFlag() as stop, RunGuard() as guard:
+        with StopFlag() as stop, RunGuard(oom_retries) as guard:
             result = _run(config, resume, stop_at_step, stop, guard)
             guard.ended(result.stopped_early, result.steps_done)
             return result
@@ -147,16 +151,42 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
     batches = data.batches(start=Position(progress.epoch, progress.batch))
     micro_losses: list[torch.Tensor] = []
     stopped_early = False
+
+    def read_losses() -> None:
+        records, bad = checked(readout.read())
+        losses.extend(r.loss for r in records)
+        if is_main:
+            log_steps(outputs, bar, records, total_steps)
+        if bad is not None:
+            raise diverged(bad, outputs.folder)
+
+    def save_progress() -> None:  # the state at `progress`, the last completed step
+        weights = training_weights(network, step_context.lcm_target)
+        save_state(outputs.state_root, progress, weights, optimizer, scheduler)
+
     guard.training(progress.step, force=True)
     for micro_index, tb in enumerate(batches):
         step = progress.step
         global_count = len(tb.batch.items)
         mine = slice(rank * config.train.batch_size, (rank + 1) * config.train.batch_size)
         generator = step_generator(config.train.seed, step, micro_index % config.train.grad_accum)
-        loss_sum = training_loss(
-            config, sd, network, tb, mine, generator, train_text_encoder, step_context
-        )
-        step_context.scaler.scale(loss_sum / (global_count * config.train.grad_accum)).backward()
+        if micro_index % config.train.grad_accum == 0:  # an OOM saves the RNG as it was here
+            rng_at_step = rng_states()
+        try:  # out of memory here leaves the last completed step intact (trainer/oom.py)
+            loss_sum = training_loss(
+                config, sd, network, tb, mine, generator, train_text_encoder, step_context
+            )
+            injected_oom(config, step + 1)
+            scaled = loss_sum / (global_count * config.train.grad_accum)
+            step_context.scaler.scale(scaled).backward()
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            loss_sum = micro_losses = None  # the failed step's graph
+            optimizer.zero_grad(set_to_none=True)
+            raise stop_after_oom(exc, Attempt(config, step + 1, step, resume, world, losses),
+                                 outputs.state_root, read_losses, rng_at_step,
+                                 is_main and save_progress) from None
         micro_losses.append(loss_sum.detach() / global_count)
         if (micro_index + 1) % config.train.grad_accum:
             continue
@@ -193,20 +223,14 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
         periodic_state = bool(state_every) and progress.step % state_every == 0
         state_due = not finished and (stop_now or periodic_state)
         if readout.due() or finished or stop_now or previews_due or export_due or state_due:
-            records, bad = checked(readout.read())
-            losses += [r.loss for r in records]
-            if is_main:
-                log_steps(outputs, bar, records, total_steps)
-            if bad is not None:
-                raise diverged(bad, outputs.folder)
+            read_losses()
         if is_main and previews_due:
             write_previews(config, sd, network, outputs, progress.step)
         if is_main and export_due:
             export(config, network, outputs, outputs.periodic_file(progress.step), report, progress)
             outputs.remember_periodic(outputs.periodic_file(progress.step))
         if is_main and state_due:
-            weights = training_weights(network, step_context.lcm_target)
-            save_state(outputs.state_root, progress, weights, optimizer, scheduler)
+            save_progress()
         guard.training(progress.step, force=state_due)
         if finished or stop_now:
             stopped_early = not finished
@@ -218,8 +242,7 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
         final_file = outputs.final_file
         export(config, network, outputs, final_file, report, progress)
         outputs.final_written = True
-        weights = training_weights(network, step_context.lcm_target)
-        save_state(outputs.state_root, progress, weights, optimizer, scheduler)
+        save_progress()
     if is_main:
         outputs.close()
     accelerator.wait_for_everyone()
@@ -279,7 +302,8 @@ def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, 
         text = caption_embeddings(config, sd, captions, train_text_encoder, ctx)
         unet = ctx.step_unet(sd)
         prediction = unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
-    per_sample = diffusion.per_sample_mse(prediction, target)
+    mask = tb.masks[mine] if tb.masks is not None else None  # dataset.masked_loss
+    per_sample = diffusion.per_sample_mse(prediction, target, mask)
     return (per_sample * weights[mine].to(device)).sum()
 
 

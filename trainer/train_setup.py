@@ -4,6 +4,7 @@ paths, dataset check, model, network, data pipeline."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -37,16 +38,29 @@ def bucket_config(config):
 
 
 def check_dataset_or_refuse(config):
-    """The same check as `python -m datasets_tools check`; refuses with its report."""
+    """The same check as `python -m datasets_tools check`; refuses with its
+    report. The files it skips are printed (the run's log), before any step."""
     from datasets_tools.check import check_dataset
 
+    folder = dataset_path(config)
     report = check_dataset(
-        dataset_path(config),
+        folder,
         bucket_config(config),
         caption_extension=config.dataset.caption_extension,
         repeats=config.dataset.repeats,
+        strict=config.dataset.strict,
+        **mask_options(config),
     )
+    if config.dataset.strict and report.skipped and not report.errors:
+        n = len(report.skipped)
+        raise UserError(
+            f"dataset.strict = true refuses {folder}: {n} file{'s' if n != 1 else ''} cannot be "
+            "used (listed below). Fix or remove them, or set dataset.strict = false to train "
+            "without them.\n" + report.skipped_text())
     report.raise_if_untrainable()
+    # One list per run, not one per process: RANK is set by torchrun / accelerate.
+    if report.skipped and os.environ.get("RANK", "0") == "0":
+        print(f"dataset: {report.skipped_text()}", file=sys.stderr, flush=True)
     return report
 
 
@@ -58,20 +72,20 @@ def check_device(mixed_precision: str, device: torch.device) -> None:
 
 
 def load_model(config, device: torch.device):
+    from trainer.base_precision import check_base_precision, store_frozen_model
     from trainer.model_loading import load_sd_model
 
+    check_base_precision(config, device)
     sd = load_sd_model(
         model_path(config), allow_pickle=config.model.allow_pickle,
         v_parameterization=config.model.v_parameterization,
     )  # fmt: skip
-    weight_dtype = WEIGHT_DTYPES[config.train.mixed_precision]
-    if weight_dtype != torch.float32:
-        # The frozen weights only: adapters stay fp32, and the VAE too (latents
-        # are encoded once, and an fp16 SD VAE overflows to NaN). Cast before
-        # the move: an fp32 U-Net on the GPU first made loading, not training,
-        # the run's VRAM peak (4.3 GB for SD1.5).
-        sd.unet.to(dtype=weight_dtype)
-        sd.text_encoder.to(dtype=weight_dtype)
+    # The frozen weights only (model.base_precision; trainer/base_precision.py):
+    # adapters stay fp32, and the VAE too (latents are encoded once, and an
+    # fp16 SD VAE overflows to NaN). Cast before the move: an fp32 U-Net on the
+    # GPU first made loading, not training, the run's VRAM peak (4.3 GB for SD1.5).
+    store_frozen_model(sd, config.model.base_precision,
+                       WEIGHT_DTYPES[config.train.mixed_precision], device)
     if config.model.v_parameterization and sd.prediction_type != "v_prediction":
         # A diffusers folder states its prediction type; training it as
         # v-prediction anyway would write v-prediction metadata for an
@@ -168,8 +182,22 @@ def data_options(config, global_batch: int):
 
     return DataOptions(
         buckets=bucket_config(config), flip=config.dataset.flip, captions=caption_options(config),
-        batch_size=global_batch, seed=config.train.seed,
+        batch_size=global_batch, seed=config.train.seed, keep_alpha=config.dataset.masked_loss,
+        mask_dir=mask_options(config)["mask_dir"],
     )  # fmt: skip
+
+
+def mask_options(config) -> dict:
+    """dataset.masked_loss and dataset.mask_path as the check's keyword arguments."""
+    d = config.dataset
+    if d.masked_loss and config.task == "lcm_distill":
+        # The consistency loss compares the student with itself at another
+        # timestep, not with the image: there is no image pixel to weight.
+        raise UserError(
+            'dataset.masked_loss = true does not apply to task = "lcm_distill" (its '
+            "consistency loss is not measured against the image); set "
+            'dataset.masked_loss = false, or task = "train".')
+    return {"masked_loss": d.masked_loss, "mask_dir": Path(d.mask_path) if d.mask_path else None}
 
 
 def total_steps(config, items, global_batch: int) -> int:

@@ -1,0 +1,111 @@
+"""What dataset.masked_loss costs per training step: the trainer's own
+`training_loss` + backward + optimizer step on one fixed batch of the demo model,
+with the batch's masks off, on the latent grid (as cached latents carry them),
+and at pixel size (as an uncached run carries them: averaged down in the loss).
+
+The three run interleaved, step by step, in one process on one U-Net, so drift
+on a shared CPU hits all alike; the table gives each one's median and its
+difference to "off". Loading the masks (a file or the alpha channel, per image)
+is data-pipeline time and not in these numbers.
+
+    python -m bench.masked_loss [--steps N] [--resolution PX] [--batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_dataset(folder: Path, resolution: int, count: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        arr = rng.integers(0, 256, (resolution, resolution, 4), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{i}.png")  # random alpha: a mask
+        (folder / f"{i}.txt").write_text(f"image {i}")
+    return folder
+
+
+def setup_run(folder: Path, args):
+    from datasets_tools.masks import to_grid
+    from trainer import train_setup as setup
+    from trainer.config import PRESETS_DIR, load_config
+    from trainer.train import StepContext
+
+    data_dir = make_dataset(folder, args.resolution, args.batch)
+    overrides = {"dataset.path": str(data_dir), "dataset.resolution": args.resolution,
+                 "dataset.masked_loss": True, "train.batch_size": args.batch,
+                 "train.optimizer": "sgd", "dataset.cache_latents": "off"}
+    config = load_config(PRESETS_DIR / "cpu-demo.toml",
+                         [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = setup.check_dataset_or_refuse(config)
+    sd = setup.load_model(config, device)
+    network = setup.build_network(config, sd)
+    data = setup.build_training_data(config, report.items, sd, args.batch, True, lambda: None)
+    tb = next(iter(data.batches()))
+    grid = (args.resolution // 8, args.resolution // 8)
+    batches = {"off": dataclasses.replace(tb, masks=None),
+               "latent-grid mask": dataclasses.replace(tb, masks=to_grid(tb.masks, grid)),
+               "pixel-size mask": tb}
+    return config, sd, network, batches, StepContext(device, config.train.mixed_precision)
+
+
+def timed_step(config, sd, network, tb, optimizer, ctx) -> float:
+    from trainer.train import step_generator, training_loss
+
+    sync(ctx.device)
+    start = time.perf_counter()
+    loss = training_loss(config, sd, network, tb, slice(0, len(tb.captions)),
+                         step_generator(config.train.seed, 0, 0), False, ctx)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(ctx.device)
+    return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.masked_loss")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        config, sd, network, batches, ctx = setup_run(Path(folder), args)
+        optimizer = torch.optim.SGD(network.parameters(), lr=1e-4)
+        network.train()
+        times: dict[str, list[float]] = {name: [] for name in batches}
+        for step in range(args.steps + 3):  # 3 warm-up rounds, not counted
+            for name, tb in batches.items():
+                seconds = timed_step(config, sd, network, tb, optimizer, ctx)
+                if step >= 3:
+                    times[name].append(seconds)
+        network.detach()
+    off = statistics.median(times["off"])
+    print(f"demo model, {args.resolution} px, batch {args.batch}, {args.steps} interleaved "
+          f"steps per variant, {ctx.device.type}")
+    print("| masks | median step (ms) | vs off |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median * 1e3:.2f} | {100 * (median / off - 1):+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
