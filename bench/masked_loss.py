@@ -40,7 +40,7 @@ def setup_run(folder: Path, args):
     from datasets_tools.masks import to_grid
     from trainer import train_setup as setup
     from trainer.config import PRESETS_DIR, load_config
-    from trainer.train import StepContext
+    from trainer.step_loss import StepContext
 
     data_dir = make_dataset(folder, args.resolution, args.batch)
     overrides = {"dataset.path": str(data_dir), "dataset.resolution": args.resolution,
@@ -62,7 +62,7 @@ def setup_run(folder: Path, args):
 
 
 def timed_step(config, sd, network, tb, optimizer, ctx) -> float:
-    from trainer.train import step_generator, training_loss
+    from trainer.step_loss import step_generator, training_loss
 
     sync(ctx.device)
     start = time.perf_counter()

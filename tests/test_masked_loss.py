@@ -92,7 +92,7 @@ class _Recording(torch.nn.Module):
 
 def test_the_trainers_loss_ignores_masked_out_latent_pixels(tmp_path, one_torch_thread) -> None:
     from trainer import train_setup as setup
-    from trainer.train import StepContext, step_generator, training_loss
+    from trainer.step_loss import StepContext, step_generator, training_loss
 
     for i in range(2):  # RGB: the masks below are set by hand
         region_image(tmp_path / "data" / f"{i}.png", (64, 64), (0, 0, 32 + 16 * i, 64),

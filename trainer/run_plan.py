@@ -177,7 +177,7 @@ def _first_step(config, sd, network, data, device) -> dict:
     """The loss of step 1's first batch, through the trainer's own loss; the
     latents are encoded from its pixels, as a latent cache would hold them."""
     from trainer.compile import step_unet
-    from trainer.train import StepContext, step_generator, training_loss
+    from trainer.step_loss import StepContext, step_generator, training_loss
 
     tb = next(iter(data.batches()))
     context = StepContext(device, config.train.mixed_precision)
