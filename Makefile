@@ -61,3 +61,6 @@ bench: $(DEV_STAMP)
 	$(PY) -m bench.base_precision
 	$(PY) -m bench.memory_estimate
 	$(PY) -m bench.masked_loss
+	$(PY) -m bench.reg_images
+	$(PY) -m bench.compare_cost
+	$(PY) -m bench.validation_cost

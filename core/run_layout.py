@@ -12,6 +12,7 @@ the GUI imports this.
       state/state-00000200/             complete training states (renamed into place)
       state/.state-00000200.XXXX/       a save in progress, or one that was killed
       samples/step000200-0.png          previews: step, then prompt index
+      samples/compare.png               with/without-adapter grid (sample.compare)
       metrics.jsonl  config.toml  tensorboard/
       trainer.lock  status.json         who trains here, and how far it got (core/run_lock.py)
 """
@@ -32,6 +33,8 @@ SAMPLES_DIR = "samples"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.toml"
 TENSORBOARD_DIR = "tensorboard"
+VALIDATION_NAME = "validation.json"  # the best validation loss, its step and file
+COMPARE_GRID_NAME = "compare.png"  # trainer/compare_grid.py
 
 # Zero-padded, so that names sort as steps do (the newest is the last).
 _STATE = re.compile(r"state-(\d+)")
@@ -149,6 +152,16 @@ class RunLayout:
         return sorted(found, key=lambda p: preview_position(p.name), reverse=True)[:limit]
 
     @property
+    def compare_grid(self) -> Path:
+        return self.samples / COMPARE_GRID_NAME
+
+    def shown_samples(self, limit: int = 8) -> list[Path]:
+        """What the GUI shows: the compare grid first (it holds every
+        sampling point so far), then the newest previews."""
+        grid = [self.compare_grid] if self.compare_grid.is_file() else []
+        return grid + self.newest_samples(limit)
+
+    @property
     def metrics(self) -> Path:
         return self.folder / METRICS_NAME
 
@@ -159,6 +172,10 @@ class RunLayout:
     @property
     def tensorboard(self) -> Path:
         return self.folder / TENSORBOARD_DIR
+
+    @property
+    def validation(self) -> Path:
+        return self.folder / VALIDATION_NAME
 
     # --- who trains here -----------------------------------------------------
     @property
@@ -171,6 +188,7 @@ class RunLayout:
 
 
 def is_preview(path: Path) -> bool:
-    """Named as a run's preview image, in a samples folder (the content is the
-    caller's to check)."""
-    return path.parent.name == SAMPLES_DIR and is_preview_name(path.name)
+    """Named as a run's preview image or its compare grid, in a samples folder
+    (the content is the caller's to check)."""
+    return path.parent.name == SAMPLES_DIR and (
+        is_preview_name(path.name) or path.name == COMPARE_GRID_NAME)

@@ -97,6 +97,7 @@ class Report:
     items: list[ImageItem] = field(default_factory=list)  # usable images only
     buckets: BucketReport | None = None
     strict: bool = False  # a skipped file makes the dataset untrainable
+    reg: Report | None = None  # the check of dataset.reg_path, when the run has one
 
     @property
     def errors(self) -> list[Problem]:

@@ -9,7 +9,7 @@ a `Position` replays exactly the batches an uninterrupted run would see.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from .crop import CropSpec, compute_crop
 from .formats import ImageDecodeError
 from .latent_cache import CacheStats, LatentCache, LatentRequest
 from .masks import mask_file, with_file_mask
+from .regularization import plan_reg
 from .sampler import Batch, BucketBatchSampler, Position, sample_rng
 from .scan import ImageItem
 from .transform import PreparedImage, prepare_image
@@ -52,6 +53,7 @@ class TrainingBatch:
     latents: torch.Tensor | None  # B x 4 x H/8 x W/8, scaled, when a latent cache is used
     pixels: torch.Tensor | None  # B x 3 x H x W in [-1, 1] otherwise
     masks: torch.Tensor | None  # B x 1 x (latent or pixel size) with keep_alpha, in [0, 1]
+    is_reg: tuple[bool, ...] = ()  # per sample: a regularization image (dataset.reg_path)
 
 
 class TrainingData:
@@ -60,9 +62,15 @@ class TrainingData:
         items: Sequence[ImageItem],
         options: DataOptions | None = None,
         latent_cache: LatentCache | None = None,
+        reg_items: Sequence[ImageItem] = (),
     ) -> None:
-        """`items`: `Report.items` of a trainable check; `latent_cache` None: load pixels."""
-        self.items = list(items)
+        """`items`: `Report.items` of a trainable check; `latent_cache` None: load pixels;
+        `reg_items`: the reg folder's checked items, balanced against `items` by kohya's
+        rule (datasets_tools/regularization.py) and mixed into the same batches."""
+        self.reg_plan = plan_reg(sum(i.repeats for i in items), [i.repeats for i in reg_items])
+        self.items = list(items) + [reg_items[k] for k in self.reg_plan.used]
+        self.repeats = [i.repeats for i in items] + list(self.reg_plan.repeats)
+        self.is_reg = [False] * len(items) + [True] * len(self.reg_plan.used)
         self.options = options or DataOptions()
         if latent_cache is not None and self.options.crop == "random":
             raise UserError(
@@ -71,15 +79,20 @@ class TrainingData:
             )
         self.latent_cache = latent_cache
         self.captions = CaptionProcessor(self.options.captions)
-        self.mask_files = [mask_file(i.rel_path, self.options.mask_dir) if self.options.keep_alpha
-                           else None for i in self.items]
+        # The trigger word is what the adapter learns; on the class images it
+        # would teach the class to answer to it, the opposite of regularizing.
+        self.reg_captions = CaptionProcessor(replace(self.options.captions, prefix=""))
+        # Mask files are named after training images; a reg image's mask is its alpha.
+        self.mask_files = [mask_file(i.rel_path, None if reg else self.options.mask_dir)
+                           if self.options.keep_alpha else None
+                           for i, reg in zip(self.items, self.is_reg, strict=True)]
         all_buckets = make_buckets(self.options.buckets)
         self.buckets: list[Size] = [
             assign_bucket((i.width, i.height), self.options.buckets, all_buckets)
             for i in self.items
         ]
         self.sampler = BucketBatchSampler(
-            self.buckets, [i.repeats for i in self.items], self.options.batch_size,
+            self.buckets, self.repeats, self.options.batch_size,
             self.options.seed, flip=self.options.flip,
         )
 
@@ -104,15 +117,17 @@ class TrainingData:
     def load(self, batch: Batch) -> TrainingBatch:
         seed = self.options.seed
         captions = [
-            self.captions(self.items[i].caption, sample_rng(seed, batch.epoch, batch.index, slot))
+            (self.reg_captions if self.is_reg[i] else self.captions)(
+                self.items[i].caption, sample_rng(seed, batch.epoch, batch.index, slot))
             for slot, i in enumerate(batch.items)
         ]
+        is_reg = tuple(self.is_reg[i] for i in batch.items)
         if self.latent_cache is not None:
             picked = [self.latent_cache.get(request).pick(flip) for request, flip in
                       zip(self._requests(batch.items), batch.flips, strict=True)]
             latents = torch.stack([latent for latent, _ in picked])
             masks = self._stack_masks([mask for _, mask in picked])
-            return TrainingBatch(batch, captions, latents, None, masks)
+            return TrainingBatch(batch, captions, latents, None, masks, is_reg)
         prepared = []
         for slot, (i, flip) in enumerate(zip(batch.items, batch.flips, strict=True)):
             rng = sample_rng(seed, batch.epoch, batch.index, slot, "crop")
@@ -121,7 +136,7 @@ class TrainingData:
             prepared.append(self._prepare(i, crop, flip))
         pixels = torch.stack([p.pixels for p in prepared])
         masks = self._stack_masks([p.mask for p in prepared])
-        return TrainingBatch(batch, captions, None, pixels, masks)
+        return TrainingBatch(batch, captions, None, pixels, masks, is_reg)
 
     def _requests(self, indices: Sequence[int]) -> list[LatentRequest]:
         return [LatentRequest(self.items[i].path, self._center_crop(i), flip=self.options.flip,

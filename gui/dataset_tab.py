@@ -125,8 +125,9 @@ def build(ctx: Context) -> None:
         return show(path, ext, f"Changed {count} captions.")
 
     @reports_to(report)
-    def check(text: str, ext: str, *settings):
+    def check(text: str, ext: str, *values):
         path = rules.dataset(text)
+        *settings, reg_text = values  # dataset.reg_path last: the API keeps its order
         if any(value is None for value in settings):
             raise UserError("A [dataset] number in the Train tab's Advanced settings is empty "
                             f"({', '.join(CHECK_KEYS)}); the check uses them, as training does.")
@@ -137,7 +138,12 @@ def build(ctx: Context) -> None:
             if result.report is None:
                 raise UserError(result.message)
             tags = datasets.tag_counts(datasets.list_images(path, ext, cancel))
-        return {report: views.check_report(result.report, tags)}
+            shown = views.check_report(result.report, tags)
+            if reg_text and reg_text.strip():  # dataset.reg_path, checked alike
+                shown += "\n\n" + datasets.reg_check(
+                    rules.open_dataset(reg_text), result.report, bucket_settings, ext, cancel,
+                    strict=bool(strict))
+        return {report: shown}
 
     @reports_to(status)
     def use(text: str):
@@ -163,7 +169,8 @@ def build(ctx: Context) -> None:
                           **free),
         folder.submit(open_dataset, [folder, extension], listing, api_visibility="private",
                       **free),
-        check_button.click(check, [folder, extension, *(ctx.form[k] for k in CHECK_KEYS)],
+        check_button.click(check, [folder, extension, *(ctx.form[k] for k in CHECK_KEYS),
+                                   ctx.form["dataset.reg_path"]],
                            [report], api_name="check_dataset", **free),
     ]
     demo_button.click(copy_demo, [extension], listing, api_name="copy_demo", **free)

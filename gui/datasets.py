@@ -186,3 +186,29 @@ def check(folder: str, resolution: int, buckets: bool, min_bucket: int, max_buck
             result.returncode, result.stderr, "The dataset check"))
     report = json.loads(result.stdout)
     return CheckResult(bool(report["trainable"]), report, "")
+
+
+def reg_check(reg_folder: Path, train_report: dict, bucket_settings: list,
+              caption_extension: str, cancel: threading.Event | None = None, *,
+              strict: bool = False) -> str:
+    """The report of dataset.reg_path, shown under the training set's: the same
+    check (images outside `N_class` folders count once), and how many reg samples
+    an epoch draws against `train_report`'s (kohya's rule, datasets_tools.regularization)."""
+    from datasets_tools.regularization import describe, plan_reg
+    from gui import views
+
+    result = check(str(reg_folder), *bucket_settings, caption_extension, cancel=cancel,
+                   repeats=1, strict=strict)
+    if result.report is None:
+        raise UserError(f"dataset.reg_path: {result.message}")
+    skipped = {p["path"] for p in result.report["problems"] if p["severity"] == "skipped"}
+    # The check's usable images, in its order (the order kohya's rule takes them in).
+    items = [i for i in list_images(reg_folder, caption_extension, cancel)
+             if i.rel_path not in skipped]
+    lines = [f"## Regularization images (dataset.reg_path = {views.escape(str(reg_folder))})",
+             views.check_report(result.report, tag_counts(items))]
+    if result.trainable and train_report["trainable"]:
+        plan = plan_reg(train_report["samples_per_epoch"], [i.repeats for i in items])
+        lines.append(f"**Per epoch:** {views.escape(describe(plan))}; an epoch is "
+                     f"{plan.train_samples + plan.reg_samples} samples.")
+    return "\n\n".join(lines)

@@ -11,7 +11,7 @@ from core.run_layout import RunLayout
 from gui import views
 from gui.job_outcome import oom_retry_notes, own_status
 from gui.jobs import Job, JobRunner, Status
-from gui.run_files import MetricsReader, log_lines, read_tail, tqdm_total
+from gui.run_files import MetricsReader, best_validation, log_lines, read_tail, tqdm_total
 
 _STATUS_WORDS = {
     Status.QUEUED: "Waiting for the running job to finish",
@@ -76,7 +76,9 @@ class Monitor:
             "status": _status(job),
             "progress": progress,
             "metrics": metrics,
-            "samples": [str(p) for p in run.newest_samples()],
+            "validation": list(reader.validation),
+            "best": best_validation(run.validation),  # the plot's caption
+            "samples": [str(p) for p in run.shown_samples()],
             "log": "\n".join(log_lines(tail)),
             "jobs": _jobs_table(self.runner.jobs()),
         }

@@ -23,6 +23,12 @@ class Metric:
     epoch: int
 
 
+@dataclass(frozen=True)
+class ValidationPoint:
+    step: int
+    val_loss: float
+
+
 class MetricsReader:
     """Incremental reader of one metrics.jsonl.
 
@@ -33,6 +39,7 @@ class MetricsReader:
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[Metric] = []
+        self.validation: list[ValidationPoint] = []  # the val_loss lines (trainer/validation.py)
         self._inode: int | None = None
         self._offset = 0
 
@@ -40,10 +47,10 @@ class MetricsReader:
         try:
             stat = self.path.stat()
         except FileNotFoundError:
-            self.rows, self._inode, self._offset = [], None, 0
+            self.rows, self.validation, self._inode, self._offset = [], [], None, 0
             return self.rows
         if stat.st_ino != self._inode or stat.st_size < self._offset:
-            self.rows, self._inode, self._offset = [], stat.st_ino, 0
+            self.rows, self.validation, self._inode, self._offset = [], [], stat.st_ino, 0
         if stat.st_size == self._offset:
             return self.rows
         with open(self.path, "rb") as file:
@@ -53,7 +60,8 @@ class MetricsReader:
         self._offset += len(complete)
         for line in complete.decode("utf-8", "replace").splitlines():
             if line.strip() and (metric := _metric(line)) is not None:
-                self.rows.append(metric)
+                rows = self.validation if isinstance(metric, ValidationPoint) else self.rows
+                rows.append(metric)
         return self.rows
 
 
@@ -66,12 +74,24 @@ def _metric(line: str) -> Metric | None:
         return None
 
 
-def _from_record(record: dict) -> Metric:
+def _from_record(record: dict) -> Metric | ValidationPoint:
+    if "loss" not in record and "val_loss" in record:
+        return ValidationPoint(int(record["step"]), float(record["val_loss"]))
     return Metric(
         step=int(record["step"]), loss=float(record.get("loss", float("nan"))),
         lr=float(record.get("lr", 0.0)), it_s=float(record.get("it_s", 0.0)),
         eta_s=float(record.get("eta_s", 0.0)), epoch=int(record.get("epoch", 0)),
     )  # fmt: skip
+
+
+def best_validation(path: Path) -> str:
+    """'best: step N (file)' from a run's validation.json; '' without one."""
+    try:
+        record = json.loads(path.read_text())
+        step, loss, file = record["best_step"], record["best_val_loss"], record.get("best_file")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f"Validation best: step {step} (loss {loss:.4f}, {file or 'no file saved at that step'})"
 
 
 def read_tail(path: Path, size: int = LOG_TAIL_BYTES) -> str:

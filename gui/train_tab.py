@@ -35,18 +35,38 @@ MAIN_ROWS = (
     ("sample.prompts", "sample.every_n_steps"),
 )
 MAIN = {key for row in MAIN_ROWS for key in row}
+# The settings the memory estimate depends on (trainer/estimate.py).
+MEMORY_KEYS = ("model.path", "model.base_precision", "dataset.path", "dataset.resolution",
+               "dataset.cache_latents", "network.type", "network.rank", "network.conv_rank",
+               "network.train_unet", "network.train_text_encoder", "train.batch_size",
+               "train.optimizer", "train.mixed_precision", "train.gradient_checkpointing")
 ADVANCED_COLUMNS = 4
 # One choice for what the schema keeps in two fields (task and network.type).
 KINDS = [*algorithm_choices(), ("LCM distillation (makes an LCM-LoRA)", "lcm_distill")]
 
 
-def loss_frame(metrics):
+def loss_frame(metrics, validation=()):
     """The plot's data, typed even when empty: an untyped empty frame makes
-    the plot treat its axes as categories for good."""
+    the plot treat its axes as categories for good. One row per point, the
+    `series` column tells the training loss from the validation loss."""
     import pandas as pd
 
-    return pd.DataFrame({"step": pd.Series([m.step for m in metrics], dtype="int64"),
-                         "loss": pd.Series([m.loss for m in metrics], dtype="float64")})
+    points = ([(m.step, m.loss, "train") for m in metrics]
+              + [(v.step, v.val_loss, "validation") for v in validation])
+    return pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
+                         "loss": pd.Series([p[1] for p in points], dtype="float64"),
+                         "series": pd.Series([p[2] for p in points], dtype="object")})
+
+
+def loss_plot(metrics, validation=(), best: str = ""):
+    """The plot's update. Its legend names the series each time: Gradio 6.31
+    keeps the colour legend of the first frame it drew (measured in Chromium),
+    so validation, which starts later, would have no entry. No points: None
+    (a plot first drawn from an empty frame never shows a legend)."""
+    frame = loss_frame(metrics, validation)
+    series = ["train"] * bool(metrics) + ["validation"] * bool(validation)
+    return gr.LinePlot(value=frame if len(frame) else None, colors_in_legend=series or None,
+                       caption=best or None)
 
 
 def pick_resumable(ids: tuple[int, ...], seen: tuple[int, ...] | None, chosen) -> int | None:
@@ -158,7 +178,8 @@ def live_view(ctx: Context, monitor: Monitor, last_seen, chosen) -> list | None:
     ids = tuple(value for _, value in choices)
     picker = gr.skip() if ids == seen_ids else gr.Dropdown(
         choices=choices, value=pick_resumable(ids, seen_ids, chosen))
-    return [(signature, ids), view["status"], view["progress"], loss_frame(view["metrics"]),
+    plot = loss_plot(view["metrics"], view.get("validation", ()), view.get("best", ""))
+    return [(signature, ids), view["status"], view["progress"], plot,
             [str(exports.servable(Path(p), ctx.dirs)) for p in view["samples"]], view["log"],
             view["jobs"], picker]
 
@@ -206,8 +227,8 @@ def build(ctx: Context, demo_button, welcome) -> None:
     job_md = gr.Markdown(elem_id="train-job")
     progress = gr.Markdown(elem_id="train-progress")
     with gr.Row():
-        plot = gr.LinePlot(loss_frame([]), x="step", y="loss", label="Loss", height=260,
-                           scale=3, elem_id="train-loss")
+        plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss",
+                           height=260, scale=3, elem_id="train-loss")
         previews = gr.Gallery(label="Newest previews", columns=2, height=260, scale=2,
                               allow_preview=True, elem_id="train-previews")
     log = gr.Textbox(label="Log (end)", lines=8, max_lines=8, interactive=False,
@@ -285,6 +306,10 @@ def build(ctx: Context, demo_button, welcome) -> None:
                  api_name="load_preset").then(on_estimate, [preset, *inputs], estimate_md,
                                               api_visibility="private")
     estimate.click(on_estimate, [preset, *inputs], estimate_md, api_name="estimate_memory")
+    # The estimate follows the settings that change memory; "always_last" runs
+    # only the newest of the edits made while one estimate is computing.
+    gr.on([form[key].input for key in MEMORY_KEYS], on_estimate, [preset, *inputs], estimate_md,
+          trigger_mode="always_last", show_progress="hidden", api_visibility="private")
     demo_button.click(load_demo, None, [*form_out, preset, ctx.tabs, welcome],
                       api_name="load_demo").then(on_estimate, [preset, *inputs], estimate_md,
                                                  api_visibility="private")

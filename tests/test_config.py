@@ -281,3 +281,28 @@ def test_to_spec_carries_every_setting():
         "loha", 6, 3.0, 5, 2.0)
     assert spec.tucker and spec.train_unet and not spec.train_text_encoder
     assert spec.dropout == Dropout(neuron=0.1, rank=0.2, module=0.3)
+
+
+def test_a_rule_across_sections_names_the_sources_of_its_keys(tmp_path, monkeypatch):
+    """A config-wide rule (pydantic reports it at no location) names where the
+    keys it mentions were set, as a section's own rules do."""
+    import pydantic
+
+    import trainer.config_io as config_io
+
+    class WithRule(TrainConfig):
+        @pydantic.model_validator(mode="after")
+        def _rule(self):
+            if self.train.batch_size > 3 and self.dataset.resolution > 256:
+                raise ValueError(f"train.batch_size = {self.train.batch_size} is too large for "
+                                 f"dataset.resolution = {self.dataset.resolution}")
+            return self
+
+    monkeypatch.setattr(config_io, "TrainConfig", WithRule)
+    path = tmp_path / "cfg.toml"
+    path.write_text("[dataset]\nresolution = 512\n")
+    with pytest.raises(UserError) as raised:
+        load_config(path, ["train.batch_size=4"])
+    assert str(raised.value) == (
+        f"--set train.batch_size=4 and {path}: train.batch_size = 4 is too large for "
+        "dataset.resolution = 512.")

@@ -70,7 +70,10 @@ def contexts(a: SimpleNamespace) -> dict[str, dict[str, Any]]:
         "network.train_unet": both,  # turning off the only trained part is refused
         "train.text_encoder_lr": both,
         "train.epochs": {"train.steps": 0, "train.epochs": 1},
+        "train.validate_every_n_steps": {"dataset.validation_split": 0.5},  # needs a set
         **{f"lcm.{name}": lcm for name in SECTIONS["lcm"].model_fields},
+        # Only reg samples are weighted; at batch 4 the first batch holds some.
+        "train.prior_loss_weight": {"dataset.reg_path": str(a.reg), "train.batch_size": 4},
     }
 
 
@@ -87,6 +90,8 @@ def alternatives(a: SimpleNamespace) -> dict[str, list[Any]]:
         "sample.lcm_lora": [str(a.adapter)],
         "sample.preview_decoder": [str(a.taesd)],
         "dataset.mask_path": [str(a.masks)],
+        "dataset.reg_path": [str(a.reg)],
+        "dataset.validation_path": [str(a.varied)],  # a checked folder of captioned images
         "train.max_grad_norm": [1e-3],  # surely clipping, whatever the gradient's norm
         # Min-SNR weighs down timesteps whose SNR is above gamma: 0.05 is below the
         # SNR of one of the first step's two timesteps (786 and 471), 5.0 of neither.
@@ -193,8 +198,12 @@ def assets(tmp_path_factory, one_torch_thread, shared_tokenizer) -> SimpleNamesp
 
     taesd = root / "taesd"
     AutoencoderTiny().save_pretrained(taesd)
+    reg = root / "reg"  # regularization images: a kohya "N_class" folder
+    for seed in range(3):
+        save_image(reg / "2_shape" / f"{seed}.png", seed=seed + 20, caption="shape")
     return SimpleNamespace(varied=varied, one_broken=one_broken, single_file=single_file,
                            ckpt=ckpt, taesd=taesd, with_alpha=with_alpha, masks=masks,
+                           reg=reg,
                            adapter=_trained_looking_adapter(root / "adapter.safetensors"))
 
 

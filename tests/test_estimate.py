@@ -217,3 +217,23 @@ def test_the_train_tab_shows_the_estimate_or_why_not(tmp_path):
         "**Problem:** No memory estimate: model.path = ")
     slow = estimate_view.run_estimate(dirs.base_config, [], timeout=0.01)
     assert slow.startswith("**Problem:** No memory estimate: The memory estimate took longer")
+
+
+def test_the_estimate_follows_edits_of_the_settings_it_depends_on(tmp_path):
+    """Each memory setting's edit re-runs the estimate (the newest edit only)."""
+    from gui.app import build_ui
+    from gui.datadir import DataDirs
+    from gui.jobs import JobRunner
+    from gui.train_tab import MEMORY_KEYS
+
+    dirs = DataDirs(tmp_path / "data").create()
+    config = build_ui(dirs, JobRunner(dirs.jobs)).get_config_file()
+    elem = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    triggers = {}
+    for dependency in config["dependencies"]:
+        if "train-estimate-view" in [elem.get(o) for o in dependency["outputs"]]:
+            for target, event in dependency["targets"]:
+                triggers[(elem.get(target), event)] = dependency["trigger_mode"]
+    for key in MEMORY_KEYS:
+        assert triggers.get(("cfg-" + key.replace(".", "-"), "input")) == "always_last", key
+    assert triggers[("train-estimate", "click")] == "once"

@@ -81,7 +81,10 @@ def scenario(page, url: str, tmp_path: Path) -> None:
     # 4. A short training: progress and a preview appear.
     page.get_by_text("Advanced: every setting").click()  # sample.steps is in there
     for elem_id, value in (("cfg-train-steps", "60"), ("cfg-train-batch_size", "1"),
-                           ("cfg-sample-every_n_steps", "2"), ("cfg-sample-steps", "2")):
+                           ("cfg-sample-every_n_steps", "2"), ("cfg-sample-steps", "2"),
+                           # 2 of the 9 images held out, scored at steps 20, 40, 60
+                           ("cfg-dataset-validation_split", "0.2"),
+                           ("cfg-train-validate_every_n_steps", "20")):
         box(page, elem_id).fill(value)
     page.click("#train-start")
     expect(status).to_contain_text("Job 1 started", timeout=MINUTE)
@@ -98,6 +101,11 @@ def scenario(page, url: str, tmp_path: Path) -> None:
     expect(status).to_contain_text("Job 2 resumes", timeout=MINUTE)
     expect(job).to_contain_text("Finished", timeout=5 * MINUTE)
     expect(page.locator("#train-progress")).to_contain_text("Step 60 / 60")
+    # The validation loss: a second series in the plot, and its best step named.
+    plot = page.locator("#train-loss")
+    expect(plot).to_contain_text("Validation best: step", timeout=MINUTE)
+    expect(plot.locator(".role-legend-label text")).to_have_text(["train", "validation"])
+    expect(plot.locator("g.mark-line.plot_marks path")).to_have_count(2)
     shot(page, "07-finished")
     log = (tmp_path / "data" / "jobs" / "0002" / "log.txt").read_text()
     assert "done: 60 steps" in log

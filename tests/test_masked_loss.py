@@ -270,9 +270,11 @@ def test_a_short_masked_run_trains_and_exports(tmp_path, monkeypatch, cache,
     result = run(config)
     assert result.steps_done == 2 and len(result.losses) == 2
     assert all(np.isfinite(result.losses)) and Path(result.final_file).is_file()
-    if cache == "disk":  # the masks were cached with their latents
-        from safetensors import safe_open
+    from safetensors import safe_open
 
+    with safe_open(str(result.final_file), "pt") as exported:
+        assert exported.metadata()["ss_masked_loss"] == "True"  # as kohya writes it
+    if cache == "disk":  # the masks were cached with their latents
         files = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
         assert len(files) == 2
         for file in files:

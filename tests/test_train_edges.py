@@ -233,7 +233,7 @@ def test_ctrl_c_while_importing_exits_quietly_having_written_nothing(
     process = trainer(tmp_path, *overrides(demo_model_dir, four_images, out))
     wait_for(lambda: torch_is_loading(process.pid) or process.poll() is not None, every=0.002)
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
+    assert process.wait(timeout=60) == 130, output_of(tmp_path)  # what it said instead
     stdout, stderr = output_of(tmp_path)
     assert stderr.strip() == NOTHING_TRAINED and stdout == ""
     assert not out.exists()
@@ -249,7 +249,7 @@ def test_ctrl_c_while_the_model_loads_exits_quietly_and_changes_nothing(
                                            **{"train.steps": 8}), "--resume")  # fmt: skip
     wait_for(in_state(out, "starting", "training", "done", "failed"))
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=60) == 130
+    assert process.wait(timeout=60) == 130, output_of(tmp_path)  # what it said instead
     stdout, stderr = output_of(tmp_path)
     assert "Traceback" not in stderr and stderr.strip().endswith(NOTHING_TRAINED), stderr
     assert "stopped after" not in stdout

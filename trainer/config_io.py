@@ -315,6 +315,8 @@ def _describe(error: dict, sources: _Sources) -> str:
     loc, kind, value = error["loc"], error["type"], error.get("input")
     key = _dotted(loc)
     origin = sources.blame(_dotted(loc[:2]))  # an item of a list: the list's source
+    if not loc and kind == "value_error":  # a rule across sections: the keys it names
+        return f"{sources.of_rule(str(error['ctx']['error']))}: {error['ctx']['error']}."
     if len(loc) == 1 and loc[0] in SECTIONS:
         if kind == "value_error":  # a section's cross-field rule: the keys its message names
             return f"{sources.of_rule(str(error['ctx']['error']))}: {error['ctx']['error']}."

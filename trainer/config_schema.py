@@ -73,6 +73,10 @@ class DatasetConfig(Section):
     trigger_word: str = Field("", description="Put in front of every caption (e.g. 'sks').")
     repeats: int = Field(1, ge=1, description='Times each image counts per epoch, outside '
                          'kohya "N_name" folders (there N counts; kohya num_repeats).')
+    reg_path: str = Field("", description='Regularization (class) images, kohya reg_data_dir: '
+        '"N_class" subfolders (N = repeats) with captions, checked like dataset.path. Each '
+        "epoch adds as many reg samples as training samples (cycled or cut, as kohya), mixed "
+        "into the batches; their loss is weighted by train.prior_loss_weight. Empty: none.")
     strict: bool = Field(False, description="Refuse the dataset if any file would be skipped "
                          "(corrupt, unsupported, too small, unreadable caption); off: train on "
                          "the rest and list the skipped files.")
@@ -83,6 +87,21 @@ class DatasetConfig(Section):
     mask_path: str = Field("", description="Folder of grayscale masks named like the images "
         "(any image extension, the image's size, same subfolders or flat); needs "
         "dataset.masked_loss = true. Empty: masks from the alpha channel.")
+    validation_split: float = Field(0.0, ge=0, lt=1, description="Fraction of the checked "
+        "images held out for a validation loss (chosen by train.seed, not trained on); "
+        "0 = off. Not with dataset.validation_path.")
+    validation_path: str = Field("", description="Folder of validation images with captions, "
+        "checked like dataset.path and never trained on. Empty: none (or "
+        "dataset.validation_split).")
+
+    @model_validator(mode="after")
+    def _one_validation_set(self) -> DatasetConfig:
+        if self.validation_split and self.validation_path:
+            raise ValueError(
+                f"dataset.validation_split = {self.validation_split:g} and "
+                f'dataset.validation_path = "{self.validation_path}" both choose validation '
+                "images; set only one of them")
+        return self
 
     @model_validator(mode="after")
     def _mask_path_needs_masked_loss(self) -> DatasetConfig:
@@ -235,9 +254,15 @@ class TrainingConfig(Section):
                                 "for darker/brighter images.")
     min_snr_gamma: float = Field(0.0, ge=0, description="Min-SNR loss weighting (Hang et al. "
                                  "2023); 5.0 is the paper's value; 0 = off.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of the "
+        "regularization images (dataset.reg_path) against the training images' 1.0 (kohya "
+        "prior_loss_weight).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 = off.")
     save_state_every_n_steps: int = Field(0, ge=0, description="Save a resumable training "
         "state every N steps; 0 = when output.save_every_n_steps saves.")
+    validate_every_n_steps: int = Field(0, ge=0, description="Validation loss every N steps "
+        "and at the end (needs dataset.validation_split or dataset.validation_path); 0: at "
+        "the end only, when there is a validation set.")
 
     @model_validator(mode="before")
     @classmethod
@@ -278,6 +303,9 @@ class SampleConfig(Section):
     preview_decoder: str = Field("", description="Folder of TAESD (madebyollin/taesd, diffusers "
                                  "AutoencoderTiny) to decode previews several times faster, a "
                                  "little softer; empty = the model's VAE.")
+    compare: bool = Field(False, description="Also render the prompts without the adapter "
+                          "(once per run) and keep samples/compare.png: a row per sampling "
+                          "point, each prompt with and without the adapter side by side.")
 
     @model_validator(mode="after")
     def _prompt_options(self) -> SampleConfig:
@@ -352,6 +380,20 @@ class TrainConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="What is saved.")
     lcm: LCMConfig = Field(default_factory=LCMConfig, description="LCM distillation.")
 
+    @model_validator(mode="after")
+    def _validation_needs_a_set(self) -> TrainConfig:
+        has_set = bool(self.dataset.validation_split or self.dataset.validation_path)
+        if self.train.validate_every_n_steps and not has_set:
+            raise ValueError(
+                f"train.validate_every_n_steps = {self.train.validate_every_n_steps} has no "
+                "validation images: set dataset.validation_split (e.g. 0.1) or "
+                "dataset.validation_path, or set train.validate_every_n_steps = 0")
+        if has_set and self.task == "lcm_distill":
+            raise ValueError(
+                'the validation loss is the denoising loss of task = "train"; for task = '
+                '"lcm_distill" set dataset.validation_split = 0 and dataset.validation_path = ""')
+        return self
+
 
 SECTIONS: dict[str, type[Section]] = {
     name: field.annotation
@@ -360,4 +402,5 @@ SECTIONS: dict[str, type[Section]] = {
 }
 # Fields holding file or folder paths (resolved against the TOML file's folder).
 PATH_KEYS = ("model.path", "dataset.path", "output.dir", "sample.lcm_lora", "network.resume_from",
-             "sample.preview_decoder", "dataset.mask_path")  # fmt: skip
+             "sample.preview_decoder", "dataset.mask_path", "dataset.validation_path",
+             "dataset.reg_path")  # fmt: skip

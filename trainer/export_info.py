@@ -57,9 +57,29 @@ def export_info(config, report, progress) -> ExportInfo:
             "min_snr_gamma": t.min_snr_gamma,
             "batch_size_per_device": t.batch_size,
             "gradient_accumulation_steps": t.grad_accum,
+            "masked_loss": str(config.dataset.masked_loss),  # kohya's key and spelling
             **({"lcm_lora": "True"} if lcm else {}),
+            **reg_metadata(config, report),
         },
     )
+
+
+def reg_metadata(config, report) -> dict[str, str]:
+    """kohya's keys for dataset.reg_path (train_network.py): ss_num_reg_images is the
+    reg images with their folder repeats (before balancing against the training set),
+    ss_reg_dataset_dirs per folder {"n_repeats", "img_count"}. Absent without a reg folder."""
+    import json
+
+    reg = getattr(report, "reg", None)
+    if reg is None:
+        return {}
+    dirs: dict[str, dict[str, int]] = {}
+    for item in reg.items:
+        entry = dirs.setdefault(item.folder, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return {"num_reg_images": str(sum(i.repeats for i in reg.items)),
+            "reg_dataset_dirs": json.dumps(dirs),
+            "prior_loss_weight": str(config.train.prior_loss_weight)}
 
 
 _hash_cache: dict[Path, str] = {}

@@ -101,6 +101,8 @@ class RunOutputs:
                 if record is not None and record.get("step", 0) <= resumed_step:
                     kept.append(line)
         atomic_write_text(path, "".join(f"{line}\n" for line in kept), SAVE_ADVICE)
+        if not resumed_step:  # a new run's best is its own (trainer/validation.py)
+            self.layout.validation.unlink(missing_ok=True)
         tensorboard = self.layout.tensorboard
         try:
             self._tensorboard = SummaryWriter(str(tensorboard), purge_step=resumed_step + 1)
@@ -116,7 +118,9 @@ class RunOutputs:
             raise self._write_error(path, exc) from exc
         try:
             for key, value in values.items():
-                self._tensorboard.add_scalar(f"train/{key}", value, step)
+                # val_loss -> val/loss, next to train/loss
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                self._tensorboard.add_scalar(tag, value, step)
         except OSError as exc:  # its writer thread's failure, reported on the next write
             raise self._write_error(self.layout.tensorboard, exc) from exc
 
@@ -135,6 +139,13 @@ class RunOutputs:
                 image.save(file, format="PNG")
             paths.append(path)
         return paths
+
+    def save_compare_grid(self, image) -> Path:
+        """`sample.compare`'s grid, rewritten whole at each sampling point."""
+        path = self.layout.compare_grid
+        with atomic_writer(path, SAVE_ADVICE) as file:
+            image.save(file, format="PNG")
+        return path
 
     def close(self) -> None:
         if self._tensorboard is not None:

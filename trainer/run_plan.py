@@ -41,13 +41,15 @@ def resolve_run(config, device: torch.device | None = None) -> dict:
     global_batch = config.train.batch_size  # one process
     setup.check_device(config.train.mixed_precision, device)
     report = setup.check_dataset_or_refuse(config)
-    total = setup.total_steps(config, report.items, global_batch)
+    report, validation_items = setup.split_validation(config, report)
+    total = setup.total_steps(config, report.items, global_batch, setup.reg_items(report))
     sd = setup.load_model(config, device)
     set_seed(config.train.seed)
     network = setup.build_network(config, sd)
     try:
         # Pixels, not cached latents: encoding the whole dataset would be most of the time.
-        data = TrainingData(report.items, setup.data_options(config, global_batch))
+        data = TrainingData(report.items, setup.data_options(config, global_batch),
+                            reg_items=setup.reg_items(report))
         groups = network.parameter_groups(config.train.unet_lr, config.train.text_encoder_lr)
         optimizer = build_optimizer(config.train.optimizer, groups, config.train.weight_decay)
         scheduler = build_scheduler(
@@ -64,6 +66,7 @@ def resolve_run(config, device: torch.device | None = None) -> dict:
             "export": _exported(config, network, report, total),
             "first_step": _first_step(config, sd, network, data, device),
             "oom_retry": _oom_fallbacks(config),
+            "validation": _validation_plan(config, validation_items, total),
         }
     finally:
         network.detach()
@@ -75,11 +78,13 @@ def _dataset_plan(report, data, cache, total: int) -> dict:
         if index == PLAN_BATCHES:
             break
         batches.append({"bucket": tb.batch.bucket, "items": tb.batch.items,
-                        "flips": tb.batch.flips, "captions": tb.captions,
+                        "flips": tb.batch.flips, "captions": tb.captions, "is_reg": tb.is_reg,
                         "pixels": _digest([tb.pixels]),
                         "masks": None if tb.masks is None else _digest([tb.masks])})
     return {
         "items": [(i.rel_path, i.repeats, i.caption, i.width, i.height) for i in report.items],
+        "reg_items": [(i.rel_path, i.caption) for i in data.items[len(report.items):]],
+        "reg_repeats": data.reg_plan.repeats,
         "samples_per_epoch": data.sampler.samples_per_epoch,
         "batches_per_epoch": len(data),
         "total_steps": total,
@@ -192,6 +197,14 @@ def _first_step(config, sd, network, data, device) -> dict:
         loss = training_loss(config, sd, network, tb, mine, generator,
                              bool(network.text_encoder_adapters), context)
     return {"loss": float(loss.detach()), "step_unet": type(context.step_unet(sd)).__name__}
+
+
+def _validation_plan(config, items, total: int) -> dict:
+    """The held-out images and the steps that score them (trainer/validation.py)."""
+    from trainer.validation import planned_steps
+
+    return {"items": [(str(i.path), i.caption) for i in items],
+            "steps": planned_steps(config, bool(items), total)}
 
 
 def _oom_fallbacks(config) -> list[dict]:

@@ -2,6 +2,7 @@
 
 With `--lcm-lora` the LCM scheduler samples in 4 steps without CFG
 (the LCM-LoRA report, arXiv:2311.05556); otherwise Euler ancestral, 20 steps, guidance 7.
+`--compare` writes it beside the same seed's image without the LoRAs.
 Every argument is checked before the model loads, so mistakes fail fast.
 Heavy imports (torch, diffusers) wait until then too.
 """
@@ -62,6 +63,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preview-decoder", default="", metavar="DIR",
         help="decode with TAESD (a diffusers AutoencoderTiny folder): faster, a little softer",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare", action="store_true",
+        help="write the image with the LoRAs next to the one without them (same seed; an "
+             "--lcm-lora stays in both)",
     )  # fmt: skip
 
 
@@ -222,8 +228,11 @@ def run_sample(args: argparse.Namespace) -> Path:
         raise UserError(
             f"--clip-skip {request.settings.clip_skip}: this text encoder has only {layers} layers."
         )
-    merge_adapters(sd, request.adapters)
-    image = generate(sd, request.settings)[0]
+    if args.compare:
+        image = _with_and_without(sd, request)
+    else:
+        merge_adapters(sd, request.adapters)
+        image = generate(sd, request.settings)[0]
     write_png(image, request.out)
     s = request.settings
     print(
@@ -231,3 +240,19 @@ def run_sample(args: argparse.Namespace) -> Path:
         f"guidance {s.guidance:g}, {time.perf_counter() - started:.1f} s)"
     )
     return request.out
+
+
+def _with_and_without(sd, request: SampleRequest):
+    """`--compare`: the image with the LoRAs, then the one without them, side
+    by side (trainer/compare_grid.py). An LCM-LoRA (last) is in both, so it is
+    merged before the others: the "with" half may differ from a plain run's
+    image in float rounding."""
+    from trainer.compare_grid import grid_image
+    from trainer.merge import merge_adapters
+    from trainer.sampling import generate
+
+    split = len(request.adapters) - (request.settings.sampler == "lcm")
+    merge_adapters(sd, request.adapters[split:])
+    without = generate(sd, request.settings)[0]
+    merge_adapters(sd, request.adapters[:split])
+    return grid_image([("", [generate(sd, request.settings)[0]])], [without], corner="")

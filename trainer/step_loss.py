@@ -69,7 +69,14 @@ def training_loss(config, sd, network, tb, mine, generator, train_text_encoder, 
         prediction = unet(noisy.to(sd.unet.dtype), timesteps, text.to(sd.unet.dtype)).sample
     mask = tb.masks[mine] if tb.masks is not None else None  # dataset.masked_loss
     per_sample = diffusion.per_sample_mse(prediction, target, mask)
+    weights = weights * reg_weights(tb, config.train.prior_loss_weight)  # kohya loss_weights
     return (per_sample * weights[mine].to(device)).sum()
+
+
+def reg_weights(tb, prior_loss_weight: float) -> torch.Tensor:
+    """1 per training sample, `prior_loss_weight` per reg sample (dataset.reg_path)."""
+    is_reg = tb.is_reg or (False,) * len(tb.captions)
+    return torch.tensor([prior_loss_weight if reg else 1.0 for reg in is_reg])
 
 
 def lcm_distillation_loss(config, sd, network, tb, mine, generator, ctx):

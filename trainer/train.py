@@ -28,6 +28,8 @@ from trainer.step_loss import (
     training_loss,
 )
 from trainer.stop_flag import StopFlag
+from trainer.validation import RunValidation
+from trainer.validation import due as validation_due
 
 
 @dataclass
@@ -90,8 +92,9 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
         resume_point(outputs.state_root, config.train.steps)
     setup.check_device(config.train.mixed_precision, accelerator.device)
     report = setup.check_dataset_or_refuse(config)
+    report, validation_items = setup.split_validation(config, report)
     global_batch = config.train.batch_size * world
-    total_steps = setup.total_steps(config, report.items, global_batch)
+    total_steps = setup.total_steps(config, report.items, global_batch, setup.reg_items(report))
     start_step = resume_point(outputs.state_root, total_steps, config.train.epochs) if resume else 0
     guard.starting(start_step, total_steps)
 
@@ -103,8 +106,8 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
     network = setup.build_network(config, sd)
     train_text_encoder = bool(network.text_encoder_adapters)
     data = setup.build_training_data(
-        config, report.items, sd, global_batch, is_main, accelerator.wait_for_everyone
-    )
+        config, report.items, sd, global_batch, is_main, accelerator.wait_for_everyone,
+        setup.reg_items(report))
     if not train_text_encoder and not data.captions.is_random:
         step_context.text_cache = frozen_text_cache(config, sd)
 
@@ -134,6 +137,8 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
     if is_main:
         outputs.write_config(config_to_toml(config))
         outputs.start_metrics(progress.step)
+    validation = (RunValidation(config, validation_items, sd, outputs, progress.step)
+                  if is_main and validation_items else None)
 
     # 5. Train.
     from datasets_tools.sampler import Position
@@ -225,7 +230,9 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
         # last step says the run is done, and --resume then refuses.
         periodic_state = bool(state_every) and progress.step % state_every == 0
         state_due = not finished and (stop_now or periodic_state)
-        if readout.due() or finished or stop_now or previews_due or export_due or state_due:
+        val_due = validation_due(config, bool(validation_items), progress.step, finished)
+        if (readout.due() or finished or stop_now or previews_due or export_due or state_due
+                or val_due):
             read_losses()
         if is_main and previews_due:
             write_previews(config, sd, network, outputs, progress.step)
@@ -234,6 +241,8 @@ def _run(config, resume: bool, stop_at_step: int | None, stop: StopFlag, guard: 
             outputs.remember_periodic(outputs.periodic_file(progress.step))
         if is_main and state_due:
             save_progress()
+        if validation is not None and val_due:  # after the step's file: validation.json names it
+            validation.evaluate(config, sd, network, step_context, progress.step, total_steps)
         guard.training(progress.step, force=state_due)
         if finished or stop_now:
             stopped_early = not finished
@@ -264,6 +273,7 @@ def write_previews(config, sd, network, outputs, step: int) -> None:
     """Previews with the adapter as trained so far; in 4 LCM steps when the run
     distils an LCM-LoRA or `sample.lcm_lora` names one (attached only meanwhile)."""
     from networks.export import load_network
+    from trainer.compare_grid import without_images, write_compare_grid
     from trainer.preview import preview_settings
     from trainer.sampling import generate
 
@@ -274,11 +284,14 @@ def write_previews(config, sd, network, outputs, step: int) -> None:
     network.eval()
     try:
         images = generate(sd, preview_settings(config))
+        without = without_images(config, sd, network)  # sample.compare; rendered once
     finally:
         network.train()
         if lcm_network is not None:
             lcm_network.detach()
     outputs.save_previews(step, images)
+    if without is not None:
+        write_compare_grid(outputs, step, without, config.sample.every_n_steps)
 
 
 def export(config, network, outputs, path, report, progress) -> None:

@@ -61,7 +61,48 @@ def check_dataset_or_refuse(config):
     # One list per run, not one per process: RANK is set by torchrun / accelerate.
     if report.skipped and os.environ.get("RANK", "0") == "0":
         print(f"dataset: {report.skipped_text()}", file=sys.stderr, flush=True)
+    report.reg = check_reg_or_refuse(config)
     return report
+
+
+def check_reg_or_refuse(config):
+    """dataset.reg_path checked like the training set (its own `N_class` repeats;
+    1 for images outside such folders; a reg image's mask is its alpha channel);
+    None without one. A folder with no usable image is refused, naming the setting."""
+    from datasets_tools.check import check_dataset
+
+    d = config.dataset
+    if not d.reg_path:
+        return None
+    if config.task == "lcm_distill":
+        # The distillation loss has no per-image target to regularize towards.
+        raise UserError(
+            f'dataset.reg_path = "{d.reg_path}" does not apply to task = "lcm_distill" (its '
+            "consistency loss compares the adapter with the base model, not with images); "
+            'remove dataset.reg_path, or set task = "train".')
+    report = check_dataset(Path(d.reg_path), bucket_config(config),
+                           caption_extension=d.caption_extension, strict=d.strict,
+                           masked_loss=d.masked_loss)
+    if not report.trainable:
+        raise UserError(
+            f'dataset.reg_path = "{d.reg_path}" cannot be used for regularization images: '
+            "fix the folder (report below), or remove dataset.reg_path to train without "
+            "them.\n" + report.format_text())
+    if report.skipped and os.environ.get("RANK", "0") == "0":
+        print(f"dataset.reg_path: {report.skipped_text()}", file=sys.stderr, flush=True)
+    return report
+
+
+def reg_items(report) -> list:
+    """The reg folder's usable images ([] without dataset.reg_path)."""
+    return report.reg.items if report.reg is not None else []
+
+
+def split_validation(config, report):
+    """(report of the images to train on, validation items: trainer/validation.py)."""
+    from trainer.validation import held_out
+
+    return held_out(config, report)
 
 
 def check_device(mixed_precision: str, device: torch.device) -> None:
@@ -200,14 +241,14 @@ def mask_options(config) -> dict:
     return {"masked_loss": d.masked_loss, "mask_dir": Path(d.mask_path) if d.mask_path else None}
 
 
-def total_steps(config, items, global_batch: int) -> int:
+def total_steps(config, items, global_batch: int, reg=()) -> int:
     """train.steps, or train.epochs worth of steps: known from the dataset
     alone, so a finished run is recognised before the model loads."""
     if config.train.steps:
         return config.train.steps
     from datasets_tools.training_data import TrainingData
 
-    batches = len(TrainingData(items, data_options(config, global_batch)))
+    batches = len(TrainingData(items, data_options(config, global_batch), reg_items=reg))
     return config.train.epochs * math.ceil(batches / config.train.grad_accum)
 
 
@@ -222,13 +263,18 @@ def latent_cache(config, sd, is_main: bool):
     return LatentCache(sd.vae, module_identity(sd.vae), folder, progress=is_main)
 
 
-def build_training_data(config, items, sd, global_batch: int, is_main: bool, wait_for_everyone):
+def build_training_data(config, items, sd, global_batch: int, is_main: bool, wait_for_everyone,
+                        reg=()):
     from datasets_tools.training_data import TrainingData
 
     options = data_options(config, global_batch)
     cache = latent_cache(config, sd, is_main)
     folder = cache.store.directory if cache is not None else None
-    data = TrainingData(items, options, cache)
+    data = TrainingData(items, options, cache, reg_items=reg)  # reg latents cached alike
+    if reg and is_main:
+        from datasets_tools.regularization import describe
+
+        print(describe(data.reg_plan), flush=True)
     if cache is not None:
         # On disk the main process encodes and the others then read its files.
         if folder is not None and not is_main:
