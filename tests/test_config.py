@@ -44,6 +44,12 @@ ERROR_CASES = {
         "[network]\nnetwork_train_unet_only = true", (),
         "{file}: unknown key network.network_train_unet_only; "
         "did you mean network.train_text_encoder = false?"),
+    "kohya's regularization folder": (
+        "[dataset]\nreg_data_dir = \"reg\"", (),
+        "{file}: unknown key dataset.reg_data_dir; did you mean dataset.reg_path?"),
+    "kohya's fp8 base flag": (
+        "[model]\nfp8_base = true", (),
+        "{file}: unknown key model.fp8_base; did you mean model.base_precision = \"fp8\"?"),
     "field of another section": (
         "[model]\nseed = 1", (),
         "{file}: unknown key model.seed; did you mean train.seed?"),

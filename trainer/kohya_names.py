@@ -32,6 +32,12 @@ KOHYA_ALIASES = {
     "save_every_n_epochs": "output.save_every_n_steps", "metadata_title": "output.title",
     "metadata_author": "output.author", "metadata_description": "output.description",
     "training_comment": "output.description",
+    "reg_data_dir": "dataset.reg_path", "prior_loss_weight": "train.prior_loss_weight",
+    "masked_loss": "dataset.masked_loss", "alpha_mask": "dataset.masked_loss",
+    "conditioning_data_dir": "dataset.mask_path",
+    "validation_split": "dataset.validation_split",
+    "validate_every_n_steps": "train.validate_every_n_steps",
+    "fp8_base": 'model.base_precision = "fp8"',
 }
 KOHYA_SECTIONS = {
     "model_arguments": "model",
