@@ -18,10 +18,11 @@ import dataclasses
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from bench.demo_step import run_parts, timed_step
 
 
 def make_dataset(folder: Path, resolution: int, count: int) -> Path:
@@ -38,9 +39,7 @@ def make_dataset(folder: Path, resolution: int, count: int) -> Path:
 
 def setup_run(folder: Path, args):
     from datasets_tools.masks import to_grid
-    from trainer import train_setup as setup
     from trainer.config import PRESETS_DIR, load_config
-    from trainer.step_loss import StepContext
 
     data_dir = make_dataset(folder, args.resolution, args.batch)
     overrides = {"dataset.path": str(data_dir), "dataset.resolution": args.resolution,
@@ -48,36 +47,13 @@ def setup_run(folder: Path, args):
                  "train.optimizer": "sgd", "dataset.cache_latents": "off"}
     config = load_config(PRESETS_DIR / "cpu-demo.toml",
                          [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = setup.check_dataset_or_refuse(config)
-    sd = setup.load_model(config, device)
-    network = setup.build_network(config, sd)
-    data = setup.build_training_data(config, report.items, sd, args.batch, True, lambda: None)
+    _, sd, network, data, ctx = run_parts(config, args.batch)
     tb = next(iter(data.batches()))
     grid = (args.resolution // 8, args.resolution // 8)
     batches = {"off": dataclasses.replace(tb, masks=None),
                "latent-grid mask": dataclasses.replace(tb, masks=to_grid(tb.masks, grid)),
                "pixel-size mask": tb}
-    return config, sd, network, batches, StepContext(device, config.train.mixed_precision)
-
-
-def timed_step(config, sd, network, tb, optimizer, ctx) -> float:
-    from trainer.step_loss import step_generator, training_loss
-
-    sync(ctx.device)
-    start = time.perf_counter()
-    loss = training_loss(config, sd, network, tb, slice(0, len(tb.captions)),
-                         step_generator(config.train.seed, 0, 0), False, ctx)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync(ctx.device)
-    return time.perf_counter() - start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return config, sd, network, batches, ctx
 
 
 def main() -> None:
@@ -93,7 +69,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in batches}
         for step in range(args.steps + 3):  # 3 warm-up rounds, not counted
             for name, tb in batches.items():
-                seconds = timed_step(config, sd, network, tb, optimizer, ctx)
+                seconds = timed_step(config, sd, network, lambda tb=tb: tb, optimizer, ctx)
                 if step >= 3:
                     times[name].append(seconds)
         network.detach()

@@ -17,10 +17,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from bench.demo_step import run_parts, timed_step
 
 
 def make_folder(root: Path, name: str, count: int, seed: int, caption: str) -> Path:
@@ -37,9 +38,7 @@ def make_folder(root: Path, name: str, count: int, seed: int, caption: str) -> P
 
 
 def pipeline(folder: Path, args, reg: Path | None):
-    from trainer import train_setup as setup
     from trainer.config import PRESETS_DIR, load_config
-    from trainer.step_loss import StepContext
 
     overrides = {"dataset.path": str(folder / "train"), "train.batch_size": args.batch,
                  "train.optimizer": "sgd", "dataset.cache_latents": "memory",
@@ -47,37 +46,16 @@ def pipeline(folder: Path, args, reg: Path | None):
                  **({"dataset.reg_path": str(reg)} if reg else {})}
     config = load_config(PRESETS_DIR / "cpu-demo.toml",
                          [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = setup.check_dataset_or_refuse(config)
-    sd = setup.load_model(config, device)
-    network = setup.build_network(config, sd)
-    data = setup.build_training_data(config, report.items, sd, args.batch, True, lambda: None,
-                                     setup.reg_items(report))
+    _, sd, network, data, ctx = run_parts(config, args.batch, reg=True)
     optimizer = torch.optim.SGD(list(network.parameters()), lr=1e-3)
     return {"config": config, "sd": sd, "network": network, "data": data,
-            "batches": data.batches(), "optimizer": optimizer,
-            "ctx": StepContext(device, config.train.mixed_precision), "times": []}
+            "batches": data.batches(), "optimizer": optimizer, "ctx": ctx, "times": []}
 
 
-def timed_step(run: dict, step: int) -> float:
-    from trainer.step_loss import step_generator, training_loss
-
-    config, ctx = run["config"], run["ctx"]
-    sync(ctx.device)
-    start = time.perf_counter()
-    tb = next(run["batches"])
-    loss = training_loss(config, run["sd"], run["network"], tb, slice(0, len(tb.captions)),
-                         step_generator(config.train.seed, step, 0), False, ctx)
-    loss.backward()
-    run["optimizer"].step()
-    run["optimizer"].zero_grad(set_to_none=True)
-    sync(ctx.device)
-    return time.perf_counter() - start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def timed_run_step(run: dict, step: int) -> float:
+    batches = run["batches"]
+    return timed_step(run["config"], run["sd"], run["network"], lambda: next(batches),
+                      run["optimizer"], run["ctx"], step)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,10 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         reg = make_folder(folder / "reg", "1_shape", args.images, 1, "a shape")
         runs = {"off": pipeline(folder, args, None), "on": pipeline(folder, args, reg)}
         for run in runs.values():  # warm-up, not timed
-            timed_step(run, 0)
+            timed_run_step(run, 0)
         for step in range(1, args.steps + 1):
             for run in runs.values():
-                run["times"].append(timed_step(run, step))
+                run["times"].append(timed_run_step(run, step))
     print("| reg images | median s/step | samples/epoch | steps/epoch | s/epoch |")
     print("|---|---|---|---|---|")
     for name, run in runs.items():

@@ -21,27 +21,21 @@ import time
 
 import torch
 
+from bench.demo_step import run_parts, timed_step
+
 
 def setup_run(count: int):
-    from trainer import train_setup as setup
     from trainer.config import PRESETS_DIR, load_config
-    from trainer.step_loss import StepContext, frozen_text_cache
+    from trainer.step_loss import frozen_text_cache
 
     config = load_config(PRESETS_DIR / "cpu-demo.toml", ["dataset.validation_split=0.5"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = setup.check_dataset_or_refuse(config)
-    sd = setup.load_model(config, device)
-    network = setup.build_network(config, sd)
-    ctx = StepContext(device, config.train.mixed_precision)
+    report, sd, network, data, ctx = run_parts(config, config.train.batch_size)
     ctx.text_cache = frozen_text_cache(config, sd)  # as the run, with the text encoder frozen
-    data = setup.build_training_data(config, report.items, sd, config.train.batch_size, True,
-                                     lambda: None)
     items = (report.items * count)[:count]  # the demo has 9 images: repeat them for more
     return config, sd, network, ctx, data, items
 
 
 def measure(count: int, repeats: int) -> dict:
-    from trainer.step_loss import step_generator, training_loss
     from trainer.validation import VALIDATION_TIMESTEPS, Validator
 
     config, sd, network, ctx, data, items = setup_run(count)
@@ -57,13 +51,7 @@ def measure(count: int, repeats: int) -> dict:
         start = time.perf_counter()
         validator.loss(config, sd, network, ctx)
         evaluations.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        loss = training_loss(config, sd, network, tb, slice(0, len(tb.captions)),
-                             step_generator(config.train.seed, 0, 0), False, ctx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps.append(time.perf_counter() - start)
+        steps.append(timed_step(config, sd, network, lambda: tb, optimizer, ctx))
     evaluation, step = statistics.median(evaluations), statistics.median(steps)
     network.detach()
     return {"images": count, "timesteps_per_image": VALIDATION_TIMESTEPS,
