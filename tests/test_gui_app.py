@@ -5,6 +5,7 @@ inspection and sampling run the real CLIs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -40,25 +41,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
+@contextlib.contextmanager
+def served(dirs: DataDirs, runner: JobRunner):
+    """The page over `dirs` on a free port: (its API client, the Blocks)."""
     from gradio_client import Client
 
     from gui.app import build_ui
 
+    ui = build_ui(dirs, runner)
+    port = free_port()
+    ui.launch(server_port=port, prevent_thread_lock=True, quiet=True,
+              allowed_paths=[str(dirs.root)])
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False), ui
+    finally:
+        runner.shutdown(timeout=30)
+        ui.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("gui")
     saved = os.environ.get("LORA_TRAINER_CACHE")
     os.environ["LORA_TRAINER_CACHE"] = str(root / "cache")  # the children's demo assets
     dirs = DataDirs(root / "data").create()
     runner = JobRunner(dirs.jobs, trainer=FAKE, env={"FAKE_STEP_SECONDS": "0.1"})
-    ui = build_ui(dirs, runner)
-    port = free_port()
-    ui.launch(server_port=port, prevent_thread_lock=True, quiet=True,
-              allowed_paths=[str(dirs.root)])
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    yield client, dirs, runner, root
-    runner.shutdown(timeout=30)
-    ui.close()
+    with served(dirs, runner) as (client, _):
+        yield client, dirs, runner, root
     if saved is None:
         os.environ.pop("LORA_TRAINER_CACHE")
     else:

@@ -13,25 +13,16 @@ from gui import exports
 from gui.datadir import DataDirs
 from gui.jobs import JobRunner
 from gui.preview_tab import optional_number, sample_arguments
-from tests.test_gui_app import FAKE, form_values, free_port
+from tests.test_gui_app import FAKE, form_values, served
 
 
 @pytest.fixture
 def fresh_app(tmp_path):
     """The page over a data folder of its own, with no run yet."""
-    from gradio_client import Client
-
-    from gui.app import build_ui
-
     dirs = DataDirs(tmp_path / "data").create()
     runner = JobRunner(dirs.jobs, trainer=FAKE, env={"FAKE_STEP_SECONDS": "0.05"})
-    ui = build_ui(dirs, runner)
-    port = free_port()
-    ui.launch(server_port=port, prevent_thread_lock=True, quiet=True,
-              allowed_paths=[str(dirs.root)])
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False), dirs, runner, ui
-    runner.shutdown(timeout=30)
-    ui.close()
+    with served(dirs, runner) as (client, ui):
+        yield client, dirs, runner, ui
 
 
 def frame_shown(ui) -> list[bool]:
