@@ -1,39 +1,37 @@
-"""`python -m networks inspect FILE [--json]`.
+"""`python -m networks <verb>`: the tools that work on adapter files.
 
-Exit status: 0 the file loads everywhere, 1 problems found (listed in the
-report), 2 the file cannot be read at all (a one-paragraph `error:` line).
+Each verb is one module (see `core.cli_verbs`) and one line in `VERBS`.
+Exit status: 0 done, 1 `inspect` found problems, 2 a one-paragraph
+`error:` line (a file that cannot be read, a bad argument), 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from core.cli_verbs import add_verbs
 from core.errors import UserError
 
-from .inspect import format_report, inspect_file
+EXIT_UNREADABLE = 2
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_UNREADABLE = 0, 1, 2
+VERBS = (
+    "networks.inspect_cli",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m networks")
-    commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="describe an adapter file and flag problems")
-    inspect.add_argument("file")
-    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    add_verbs(parser.add_subparsers(dest="command", required=True), VERBS)
     args = parser.parse_args(argv)
     try:
-        report = inspect_file(args.file)
+        return args.handler(args) or 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
-    return EXIT_PROBLEMS if report.problems else EXIT_OK
 
 
 if __name__ == "__main__":

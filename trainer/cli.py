@@ -14,7 +14,11 @@ import os
 import signal
 import sys
 
+from core.cli_verbs import add_verbs
 from core.errors import UserError
+
+# The LoRA tools that need a base model or a config, one module each (core.cli_verbs).
+TOOL_VERBS: tuple[str, ...] = ()
 
 
 def _make_demo_model(args: argparse.Namespace) -> None:
@@ -128,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="estimate for this device (default: where training would run)")
     estimate.add_argument("--json", action="store_true", help="print JSON (for the GUI)")
     estimate.set_defaults(handler=_estimate)
+    add_verbs(commands, TOOL_VERBS)
     return parser
 
 
