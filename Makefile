@@ -64,3 +64,5 @@ bench: $(DEV_STAMP)
 	$(PY) -m bench.reg_images
 	$(PY) -m bench.compare_cost
 	$(PY) -m bench.validation_cost
+	$(PY) -m bench.extract_lora
+	$(PY) -m bench.resize_lora

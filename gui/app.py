@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gui import dataset_tab, export_tab, exports, preview_tab, train_tab
+from gui import dataset_tab, export_tab, exports, preview_tab, tools_tab, train_tab
 from gui.datadir import DataDirs
 from gui.form import SPECS, make_component
 from gui.handlers import Context
@@ -45,6 +45,8 @@ def build_ui(dirs: DataDirs, runner: JobRunner):
                 preview_tab.build(ctx, preview)
             with gr.Tab("Export", id="export", elem_id="tab-export") as export:
                 export_tab.build(ctx, export)
+            with gr.Tab("Tools", id="tools", elem_id="tab-tools") as tools:
+                tools_tab.build(ctx, tools)
 
         def newcomer() -> dict:
             return {frame: gr.Column(visible=not exports.any_run(dirs, runner))}

@@ -17,6 +17,9 @@ EXIT_UNREADABLE = 2
 
 VERBS = (
     "networks.inspect_cli",
+    "networks.resize_cli",
+    "networks.merge_cli",
+    "networks.convert_cli",
 )
 
 

@@ -69,10 +69,10 @@ def spec_from_metadata(
     shared = {k: options.pop(k) for k in ("tucker", *DORA_OPTIONS) if k in options}
     return NetworkSpec(
         algorithm=algorithm,
-        rank=int(metadata.get("ss_network_dim", first.rank)),
-        alpha=float(metadata.get("ss_network_alpha", float(first.alpha))),
-        conv_rank=int(args.get("conv_dim", first.rank)),
-        conv_alpha=float(args.get("conv_alpha", float(first.alpha))),
+        rank=_number(int, metadata.get("ss_network_dim"), first.rank),
+        alpha=_number(float, metadata.get("ss_network_alpha"), float(first.alpha)),
+        conv_rank=_number(int, args.get("conv_dim"), first.rank),
+        conv_alpha=_number(float, args.get("conv_alpha"), float(first.alpha)),
         dropout=dropout,
         train_unet=bool(network.unet_adapters),
         train_text_encoder=bool(network.text_encoder_adapters),
@@ -97,6 +97,15 @@ def _file_options(algorithm: str, args: dict, network: AdapterNetwork) -> dict[s
             except ValueError:
                 options[option.name] = option.default
     return options
+
+
+def _number(kind: type, text: str | None, fallback):
+    """A rank or alpha from the header, else the tensors' (kohya's dynamic
+    resize writes "Dynamic": the ranks differ per module)."""
+    try:
+        return kind(float(text)) if text is not None else fallback
+    except (TypeError, ValueError, OverflowError):
+        return fallback
 
 
 def _json_or_empty(text: str | None) -> dict:

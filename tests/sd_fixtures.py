@@ -55,3 +55,11 @@ def randomize(network: AdapterNetwork, seed: int = 1, std: float = 0.1) -> None:
 def assert_outputs_close(actual: Outputs, expected: Outputs, rtol=1e-5, atol=1e-5) -> None:
     torch.testing.assert_close(actual.text, expected.text, rtol=rtol, atol=atol)
     torch.testing.assert_close(actual.noise, expected.noise, rtol=rtol, atol=atol)
+
+
+def file_deltas(path, sd) -> dict[str, torch.Tensor]:
+    """Each module's scaled delta in an adapter file, as the real loader applies it."""
+    from networks.export import load_network
+
+    network = load_network(path, sd.unet, sd.text_encoder)
+    return {a.lora_name: a.scaled_delta().float() for a in network.adapters}

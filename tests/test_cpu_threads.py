@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.cpu_cores import ENV_VARS
 from trainer import cpu_threads
 
 
@@ -13,7 +14,7 @@ from trainer import cpu_threads
 def restore_threads(monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setattr(cpu_threads, "_applied", None)
-    for name in cpu_threads.ENV_VARS:
+    for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     yield
     torch.set_num_threads(threads)
@@ -34,7 +35,7 @@ def test_one_core_is_left_free_and_the_line_says_so(monkeypatch, cores, expected
     assert line == f"CPU threads: {expected} (of {cores} cores; set OMP_NUM_THREADS to change)"
 
 
-@pytest.mark.parametrize("variable", cpu_threads.ENV_VARS)
+@pytest.mark.parametrize("variable", ENV_VARS)
 def test_the_environment_variable_wins(monkeypatch, variable):
     machine(monkeypatch, 4)  # the rule would pick 3
     monkeypatch.setenv(variable, "4")

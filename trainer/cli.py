@@ -18,7 +18,11 @@ from core.cli_verbs import add_verbs
 from core.errors import UserError
 
 # The LoRA tools that need a base model or a config, one module each (core.cli_verbs).
-TOOL_VERBS: tuple[str, ...] = ()
+TOOL_VERBS: tuple[str, ...] = (
+    "trainer.merge_into_cli",
+    "trainer.import_kohya_cli",
+    "trainer.extract_cli",
+)
 
 
 def _make_demo_model(args: argparse.Namespace) -> None:

@@ -35,25 +35,13 @@ import os
 
 import torch
 
-ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from core.cpu_cores import threads_for, threads_set_by_user, usable_cores
+
 ADVICE = "set OMP_NUM_THREADS to change"
 
 # The count this module last applied: a later run in the same process (tests,
 # a notebook) then sees its own choice, not the user's, and chooses again.
 _applied: int | None = None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a cpuset or `taskset` limits them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def threads_for(cores: int, processes: int = 1) -> int:
-    """One core left free, the rest shared by the data-parallel processes."""
-    return max(1, (cores - 1) // max(1, processes))
 
 
 def _torch_defaults() -> set[int]:
@@ -71,9 +59,9 @@ def _torch_defaults() -> set[int]:
 
 def _user_setting() -> str | None:
     """Why the current count is the user's, or None if it is torch's default."""
-    for name in ENV_VARS:
-        if os.environ.get(name, "").strip():
-            return f"from {name}={os.environ[name].strip()}"
+    setting = threads_set_by_user()
+    if setting:
+        return f"from {setting}"
     current = torch.get_num_threads()
     if current != _applied and current not in _torch_defaults():
         return "set before the run (torch.set_num_threads)"
