@@ -13,7 +13,7 @@ from gui.datadir import DataDirs, safe_name
 from gui.form import non_default_tables
 from trainer.config import TrainConfig, load_config, output_dir, preset_paths
 
-DEMO_PRESET = "cpu-demo"
+DEMO_PRESET = "demo-learns"  # the newcomer demo: a toy model visibly learns a concept
 
 
 def choices(dirs: DataDirs) -> list[tuple[str, str]]:

@@ -17,7 +17,6 @@ from gui.jobs import Job, Status
 from gui.monitor import Monitor
 from networks.algorithms import choices as algorithm_choices
 from trainer.config import (
-    DEMO,
     SECTIONS,
     TrainConfig,
     config_to_toml,
@@ -25,6 +24,7 @@ from trainer.config import (
     output_dir,
     preset_paths,
 )
+from trainer.demo_assets import DATASET_KEYWORDS
 
 # The settings most runs touch, in rows; the Advanced accordion has the rest.
 MAIN_ROWS = (
@@ -113,7 +113,7 @@ def start_job(ctx: Context, preset: str | None, values) -> str:
         raise UserError(f"{folder} already holds an earlier run of {config.output.name}. Press "
                         "Resume to continue it, or change output.name to start a new one "
                         f"(e.g. {presets.free_output_name(config)}).")
-    if config.dataset.path != DEMO:
+    if config.dataset.path not in DATASET_KEYWORDS:  # the built-ins need no check
         d = config.dataset
         result = check(d.path, d.resolution, d.buckets, d.min_bucket, d.max_bucket,
                        d.bucket_step, d.no_upscale, d.caption_extension, repeats=d.repeats)
@@ -254,8 +254,10 @@ def build(ctx: Context, demo_button, welcome) -> None:
     def load_demo():
         config = presets.load(str(preset_paths()[presets.DEMO_PRESET]), ctx.dirs)
         config.output.name = presets.free_output_name(config)
-        return {**fill(config, "The demo settings are in the form: the built-in tiny model "
-                               "and images, on the CPU in about two minutes. Press Start."),
+        return {**fill(config, "The demo settings are in the form: a built-in toy model that "
+                               "draws coloured shapes learns a new one, \"mychar\" (a yellow "
+                               "star), on the CPU in about two minutes. Press Start and watch "
+                               "the previews."),
                 preset: str(preset_paths()[presets.DEMO_PRESET]),
                 ctx.tabs: gr.Tabs(selected="train"), welcome: gr.Column(visible=False)}
 

@@ -72,7 +72,7 @@ def test_config_to_toml_round_trips(tmp_path, name, config):
 
 # --- presets -----------------------------------------------------------------
 EXPECTED_PRESETS = {"sd15-character-lora", "sd15-style-lora", "sd15-locon", "sd15-loha",
-                    "sd15-lokr", "low-vram", "cpu-demo", "sd15-lcm-distill"}
+                    "sd15-lokr", "low-vram", "cpu-demo", "sd15-lcm-distill", "demo-learns"}
 
 
 def test_bundled_presets():

@@ -101,10 +101,10 @@ def test_the_first_screen_offers_the_demo(app):
     client, dirs, _, _ = app
     out = client.predict(api_name="/load_demo")
     values = dict(zip(KEYS, out, strict=False))
-    assert values["model.path"] == "demo" and values["dataset.path"] == "demo"
+    assert values["model.path"] == "demo-shapes" and values["dataset.path"] == "demo-mychar"
     assert values["output.dir"] == str(dirs.outputs / "{name}")
     assert "The demo settings are in the form" in out[len(KEYS) + 1]
-    assert out[len(KEYS) + 2] == str(preset_paths()["cpu-demo"])
+    assert out[len(KEYS) + 2] == str(preset_paths()["demo-learns"])
 
 
 def test_a_preset_keeps_the_paths_entered(app):
@@ -228,8 +228,8 @@ def test_save_preset_and_show_config(app):
     status, choice = client.predict("my fast", *values, api_name="/save_preset")
     assert "Saved the preset" in status
     saved = dirs.presets / "my-fast.toml"
-    assert tomllib.loads(saved.read_text())["train"] == {"steps": 11, "batch_size": 2,
-                                                         "unet_lr": 0.001}
+    assert tomllib.loads(saved.read_text())["train"] == {
+        "steps": 11, "batch_size": 4, "unet_lr": 0.002, "text_encoder_lr": 0.002}
     assert client.predict(str(saved), "", "", api_name="/load_preset")[KEYS.index("train.steps")] \
         == 11
     toml, _ = client.predict(*values, api_name="/show_config")

@@ -36,7 +36,7 @@ def scenario(page, url: str, tmp_path: Path) -> None:
     expect(page.locator("#welcome")).to_contain_text("New here?", timeout=MINUTE)
     shot(page, "01-welcome")
     page.click("#load-demo")
-    expect(box(page, "cfg-model-path")).to_have_value("demo", timeout=MINUTE)
+    expect(box(page, "cfg-model-path")).to_have_value("demo-shapes", timeout=MINUTE)
     expect(page.locator("#welcome")).to_be_hidden()
     shot(page, "02-demo-settings")
 
@@ -113,7 +113,7 @@ def scenario(page, url: str, tmp_path: Path) -> None:
     # 6. Export: the summary, and the file downloads.
     tab(page, "Export")
     page.locator("#export-file input").click()
-    page.get_by_role("option", name="cpu-demo.safetensors").click()
+    page.get_by_role("option", name="demo-learns.safetensors").click()
     expect(page.locator("#export-summary")).to_contain_text("stable-diffusion-v1/lora",
                                                             timeout=2 * MINUTE)
     with page.expect_download() as download:

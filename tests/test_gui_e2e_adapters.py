@@ -90,7 +90,7 @@ def scenario(page, url: str, tmp_path: Path) -> None:
     page.goto(url)
     expect(page.locator("#welcome")).to_contain_text("New here?", timeout=MINUTE)
     page.click("#load-demo")
-    expect(box(page, "cfg-model-path")).to_have_value("demo", timeout=MINUTE)
+    expect(box(page, "cfg-model-path")).to_have_value("demo-shapes", timeout=MINUTE)
     page.get_by_text("Advanced: every setting").click()  # network.dora is in there
 
     # LoRA with DoRA: the summary says both, and the file has the DoRA args.

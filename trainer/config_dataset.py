@@ -11,7 +11,8 @@ from trainer.config_base import VAE_FACTOR, Section
 
 class DatasetConfig(Section):
     path: str = Field("", description='Image folder (kohya "N_name" subfolders allowed); '
-                      '"demo" = the built-in demo dataset. Empty in presets.')
+                      '"demo" = the built-in demo dataset, "demo-mychar" = yellow stars '
+                      'captioned "mychar". Empty in presets.')
     caption_extension: str = Field(".txt", description="Caption file extension next to images.")
     resolution: int = Field(512, ge=64, le=2048, multiple_of=64, description="Training size in "
                             "pixels (the side of a square of the same area).")

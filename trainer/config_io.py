@@ -24,11 +24,12 @@ from pydantic.fields import FieldInfo
 from core.errors import UserError
 from networks.file_header import UnreadableFile, check_adapter_file, read_header
 from trainer.config_schema import DEMO, PATH_KEYS, SECTIONS, TrainConfig
+from trainer.demo_assets import DATASET_KEYWORDS, MODEL_KEYWORDS
 from trainer.kohya_names import KOHYA_ALIASES, KOHYA_SECTIONS
 from trainer.preview_decoder import HOW_TO_GET, check_decoder_folder
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-_DEMO_KEYS = ("model.path", "dataset.path")
+_KEYWORDS = {"model.path": MODEL_KEYWORDS, "dataset.path": DATASET_KEYWORDS}  # built-ins
 # Where a loaded config's values came from, kept in its __dict__ beside the
 # fields: pydantic leaves such entries out of equality and dumps.
 _SOURCES = "_value_sources"
@@ -113,7 +114,7 @@ def _path_problem(config: TrainConfig, key: str, what: str) -> str | None:
     value = _value(config, key)
     if not value:
         return f"{key} is empty: set {key} to {what} (in the TOML file or with --set {key}=PATH)."
-    if value != DEMO and not Path(value).exists():
+    if value != DEMO and value not in _KEYWORDS.get(key, ()) and not Path(value).exists():
         # In full: a path cut short to fit a line cannot be checked or fixed.
         shown = json.dumps(value, ensure_ascii=False)
         return f"{key} = {shown} does not exist; set {key} to {what}."
@@ -174,7 +175,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _absolute(key: str, value: str, base: Path) -> str:
-    if not value or (value == DEMO and key in _DEMO_KEYS):
+    if not value or value in _KEYWORDS.get(key, ()):
         return value
     return os.path.normpath(base / os.path.expanduser(value))
 

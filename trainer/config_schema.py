@@ -26,7 +26,8 @@ Scheduler = Literal[
 
 class ModelConfig(Section):
     path: str = Field("", description='SD1.5 checkpoint (.safetensors/.ckpt) or diffusers '
-                      'folder; "demo" = the built-in tiny demo model. Empty in presets.')
+                      'folder; "demo" = the built-in tiny demo model, "demo-shapes" = the toy '
+                      'that draws coloured shapes. Empty in presets.')
     v_parameterization: bool = Field(
         False, description="The model predicts v, not noise (SD2-style v-prediction fine-tunes)."
     )

@@ -9,8 +9,13 @@ import tempfile
 from pathlib import Path
 
 from core.paths import cache_root
+from trainer.demo_toy import TOY_DATASET_KEYWORD, TOY_MODEL_KEYWORD
 
 DEMO_KEYWORD = "demo"
+# The built-in models and datasets: "demo" (random weights, for tests) and the
+# toy that draws coloured shapes with the concept it learns (trainer/demo_toy.py).
+MODEL_KEYWORDS = (DEMO_KEYWORD, TOY_MODEL_KEYWORD)
+DATASET_KEYWORDS = (DEMO_KEYWORD, TOY_DATASET_KEYWORD)
 _SHAPES = ("circle", "square", "triangle")
 _COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}
 DEMO_TRIGGER = "demoshape"
@@ -28,6 +33,28 @@ def ensure_demo_model() -> Path:
     if not (folder / "diffusers" / "model_index.json").is_file():
         make_demo_model(folder, seed=0)
     return folder / "diffusers"
+
+
+def builtin_model(path: str) -> Path | None:
+    """The diffusers folder that a model keyword names (made on first use), else None."""
+    if path == DEMO_KEYWORD:
+        return ensure_demo_model()
+    if path == TOY_MODEL_KEYWORD:
+        from trainer.demo_toy import ensure_toy_model
+
+        return ensure_toy_model()
+    return None
+
+
+def builtin_dataset(path: str) -> Path | None:
+    """The folder that a dataset keyword names (made on first use), else None."""
+    if path == DEMO_KEYWORD:
+        return ensure_demo_dataset()
+    if path == TOY_DATASET_KEYWORD:
+        from trainer.demo_toy import ensure_concept_dataset
+
+        return ensure_concept_dataset()
+    return None
 
 
 def ensure_demo_dataset() -> Path:

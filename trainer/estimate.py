@@ -217,12 +217,10 @@ def count_images(config) -> int:
     import os
 
     from datasets_tools.formats import SUPPORTED_EXTENSIONS
-    from trainer.config_schema import DEMO
+    from trainer.demo_assets import builtin_dataset
 
-    if config.dataset.path == DEMO:
-        from trainer.demo_assets import ensure_demo_dataset
-
-        root = ensure_demo_dataset()
+    if builtin := builtin_dataset(config.dataset.path):
+        root = builtin
     elif config.dataset.path and Path(config.dataset.path).is_dir():
         root = Path(config.dataset.path)
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from trainer.config_schema import DEMO
+from trainer.demo_toy import TOY_MODEL_KEYWORD
 from trainer.sd15_config import load_sd15_config
 
 # bitsandbytes NF4 with double quantization, as trainer/quantized_weight.py
@@ -38,6 +39,13 @@ def model_configs(config) -> ModelConfigs:
         return ModelConfigs({**load_sd15_config("unet"), **DEMO_UNET},
                             {**load_sd15_config("text_encoder"), **DEMO_TEXT},
                             {**load_sd15_config("vae"), **DEMO_VAE}, "the demo model")
+    if path == TOY_MODEL_KEYWORD:
+        from trainer.demo_model import DEMO_TEXT
+        from trainer.demo_toy import TOY_UNET, TOY_VAE
+
+        return ModelConfigs({**load_sd15_config("unet"), **TOY_UNET},
+                            {**load_sd15_config("text_encoder"), **DEMO_TEXT},
+                            {**load_sd15_config("vae"), **TOY_VAE}, "the toy demo model")
     if not path:
         return _sd15("SD1.5's shapes (model.path is empty)")
     file = Path(path).expanduser()
@@ -45,7 +53,7 @@ def model_configs(config) -> ModelConfigs:
         return _folder_configs(file)
     if not file.exists():
         raise UserError(f"model.path = {path} does not exist; expected a Stable Diffusion 1.x "
-                        ".safetensors file, a diffusers folder or \"demo\".")
+                        ".safetensors file, a diffusers folder, \"demo\" or \"demo-shapes\".")
     if file.suffix.lower() == ".safetensors":
         return _single_file_configs(file)
     return _sd15(f"SD1.5's shapes ({file.name} is not read without loading it)")

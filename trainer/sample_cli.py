@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UserError
+from trainer.demo_assets import MODEL_KEYWORDS, builtin_model
 
-DEMO_KEYWORD = "demo"
 # (steps, guidance) when not given: LCM-LoRA's 4 steps without CFG, else
 # the usual SD1.5 settings.
 LCM_DEFAULTS = (4, 1.0)
@@ -31,7 +31,8 @@ PLAIN_SAMPLERS = ("euler_a", "ddim")
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True, metavar="M",
-        help='SD 1.x .safetensors file or diffusers folder, or "demo" for the built-in tiny model',
+        help='SD 1.x .safetensors file or diffusers folder, or "demo" for the built-in tiny model '
+             '("demo-shapes": the toy that draws coloured shapes)',
     )  # fmt: skip
     parser.add_argument(
         "--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -167,10 +168,10 @@ def build_request(args: argparse.Namespace) -> SampleRequest:
         raise UserError(f"--guidance {guidance}: use a number >= 0 (1.0 to 2.0 with an LCM-LoRA).")
     if args.clip_skip < 1:
         raise UserError(f"--clip-skip {args.clip_skip}: use 1 (no skip) or more.")
-    if args.model != DEMO_KEYWORD and not Path(args.model).expanduser().exists():
+    if args.model not in MODEL_KEYWORDS and not Path(args.model).expanduser().exists():
         raise UserError(
             f"--model {args.model} does not exist; expected an SD 1.x .safetensors file, a "
-            'diffusers folder, or "demo".'
+            'diffusers folder, "demo" or "demo-shapes".'
         )
     width, height = parse_size(args.size)
     out = check_output(args.out)
@@ -199,11 +200,7 @@ def build_request(args: argparse.Namespace) -> SampleRequest:
 def load_model(model: str):
     from trainer.model_loading import load_sd_model
 
-    if model == DEMO_KEYWORD:
-        from trainer.demo_assets import ensure_demo_model
-
-        return load_sd_model(ensure_demo_model())
-    return load_sd_model(model)
+    return load_sd_model(builtin_model(model) or model)
 
 
 def write_png(image, out: Path) -> None:

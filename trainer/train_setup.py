@@ -12,19 +12,17 @@ import torch
 
 from core.errors import UserError
 from core.paths import cache_root
-from trainer.demo_assets import DEMO_KEYWORD, ensure_demo_dataset, ensure_demo_model
+from trainer.demo_assets import builtin_dataset, builtin_model
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def model_path(config) -> Path:
-    return ensure_demo_model() if config.model.path == DEMO_KEYWORD else Path(config.model.path)
+    return builtin_model(config.model.path) or Path(config.model.path)
 
 
 def dataset_path(config) -> Path:
-    return (
-        ensure_demo_dataset() if config.dataset.path == DEMO_KEYWORD else Path(config.dataset.path)
-    )
+    return builtin_dataset(config.dataset.path) or Path(config.dataset.path)
 
 
 def bucket_config(config):
