@@ -201,6 +201,7 @@ def merge_files(inputs: list[tuple[str | os.PathLike, float]], out: str | os.Pat
     sources = [Source(read_adapter(path), float(weight)) for path, weight in inputs]
     out = check_out_path(out, [s.adapter.path for s in sources])
     precision = plan.precision or sources[0].adapter.precision
+    _refuse_foreign(sources)
     names = sorted({n for s in sources for n in s.adapter.modules})
     if plan.rank is None:
         _refuse_inexact(sources, names)
@@ -225,6 +226,19 @@ def merge_files(inputs: list[tuple[str | os.PathLike, float]], out: str | os.Pat
     meta = _header(sources, written, kept_kinds, plan)
     save_network_file(out, tensors, meta, precision)
     return MergeReport(modules, str(out), _summary(sources, modules, out, precision))
+
+
+def _refuse_foreign(sources: list[Source]) -> None:
+    """Tensors that belong to no adapter module (an embedding bundle, another
+    tool's data) have no weighted sum: refused, so nothing is lost unsaid."""
+    for source in sources:
+        if source.adapter.other:
+            keys = sorted(source.adapter.other)
+            raise UserError(
+                f"{source.adapter.path} holds {len(keys)} tensors that are no adapter module "
+                f"(e.g. {keys[0]}), which a merge cannot add. Write a copy without them "
+                f"first (python -m networks convert {source.adapter.path} --out COPY."
+                "safetensors --drop-unknown lists what it leaves out) and merge that.")
 
 
 def _refuse_inexact(sources: list[Source], names: list[str]) -> None:

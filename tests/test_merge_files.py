@@ -184,6 +184,29 @@ def test_errors(files, tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_tensors_of_no_adapter_module_are_refused_not_dropped(files, originals, demo_sd,
+                                                              tmp_path, capsys):
+    """An embedding bundle in a LoRA file has no weighted sum: the merge says so and
+    writes nothing; the copy its message suggests merges."""
+    tensors, meta = read_network_file(files["lora"])
+    tensors["bundle_emb.mychar.string_to_param.*"] = torch.randn(1, 32)
+    bundled = tmp_path / "bundled.safetensors"
+    safetensors.torch.save_file(tensors, bundled, meta)
+    out = tmp_path / "o.safetensors"
+    message = _error(["merge", str(files["locon"]), str(bundled), "--out", str(out)], capsys)
+    assert "bundle_emb.mychar.string_to_param.*" in message and "--drop-unknown" in message
+    assert not out.exists()
+    copy = tmp_path / "copy.safetensors"
+    assert main(["convert", str(bundled), "--out", str(copy), "--drop-unknown"]) == 0
+    assert "bundle_emb" in capsys.readouterr().out
+    merge_files([(files["locon"], 1.0), (copy, 1.0)], out, progress=False)
+    expected = weighted_sum([(originals["locon"], 1.0), (originals["lora"], 1.0)])
+    merged = file_deltas(out, demo_sd)
+    assert merged.keys() == expected.keys()
+    for name, delta in expected.items():
+        torch.testing.assert_close(merged[name], delta, rtol=1e-5, atol=1e-6)
+
+
 def test_cli_json(files, tmp_path, capsys):
     out = tmp_path / "cli.safetensors"
     assert main(["merge", f"{files['locon']}:0.7", f"{files['lora']}:0.3", "--out", str(out),
