@@ -8,6 +8,8 @@ import json
 
 from core.errors import UserError
 
+from .resize_cli import PRECISIONS, refuse_bad_ranks
+
 COMMAND = "merge"
 HELP = "merge several adapter files into one (weighted, exact or by SVD)"
 DESCRIPTION = (
@@ -17,7 +19,6 @@ DESCRIPTION = (
     "LoHa, LoKr or Tucker inputs share have no exact LoRA form: give --rank N, which "
     "writes every module's weighted sum as its best rank-N approximation (SVD)."
 )
-PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,10 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("rank", "conv_rank"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: a rank is at least 1.")
+    refuse_bad_ranks(args)
     if args.conv_rank is not None and args.rank is None:
         raise UserError("--conv-rank goes with --rank (an exact merge keeps every rank).")
     from .merge_files import MergePlan, merge_files, parse_source

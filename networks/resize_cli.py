@@ -35,12 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """What argparse cannot say, as UserErrors naming the argument."""
+def refuse_bad_ranks(args: argparse.Namespace) -> None:
+    """--rank and --conv-rank, where given, are at least 1 (resize and merge)."""
     for name in ("rank", "conv_rank"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: a rank is at least 1.")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What argparse cannot say, as UserErrors naming the argument."""
+    refuse_bad_ranks(args)
     if args.dynamic is None:
         if args.rank is None:
             raise UserError("resize needs --rank N (a fixed rank) or --dynamic METHOD "
